@@ -1,0 +1,1 @@
+"""hf_rl_ckpt: production-grade checkpointing for Hugging Face training."""
