@@ -1,1 +1,39 @@
-"""hf_rl_ckpt: production-grade checkpointing for Hugging Face training."""
+"""hf_rl_ckpt: production-grade checkpointing for Hugging Face fine-tuning and RL.
+
+```python
+from hf_rl_ckpt import CheckpointConfig, CheckpointManager
+manager = CheckpointManager(CheckpointConfig(checkpoint_dir="runs/ckpt", save_period=100))
+```
+"""
+
+from .config import CheckpointConfig, ResumeConfig
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointSaveError,
+    ConfigError,
+    CorruptCheckpointError,
+    StateMismatchError,
+)
+from .manager import CheckpointManager, CheckpointManagerProtocol, ResumeState, create_manager
+from .state.dataloader import ResumableDataLoader
+from .verify import verify_checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointConfig",
+    "ResumeConfig",
+    "CheckpointManager",
+    "CheckpointManagerProtocol",
+    "ResumeState",
+    "ResumableDataLoader",
+    "create_manager",
+    "verify_checkpoint",
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "CheckpointSaveError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "StateMismatchError",
+]

@@ -1,0 +1,97 @@
+"""`checkpoints.json`: the index of committed checkpoints of one run.
+
+The committed directories are the truth (a directory holding `training_info.json` is a
+whole checkpoint); the registry is an index over them that also carries what directories
+cannot: the top-k order and Hub publishing state. After a crash the two can disagree for
+one step (a commit renamed in place but not yet indexed, or an eviction half done), so
+`reconcile` re-derives the index from the directories on every start. The file is always
+replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from .atomic import atomic_write_json
+from .errors import CorruptCheckpointError
+from .layout import FORMAT_VERSION, TRAINING_INFO, CheckpointLayout
+
+logger = logging.getLogger(__name__)
+
+
+class Registry:
+    """Read and atomically rewrite `<checkpoint_dir>/checkpoints.json`.
+
+    Other modules may keep their own top-level sections in the file (e.g. `hub`); the
+    registry preserves keys it does not own.
+    """
+
+    def __init__(self, layout: CheckpointLayout) -> None:
+        self.layout = layout
+
+    def read(self) -> dict[str, Any]:
+        path = self.layout.registry_path
+        if not path.exists():
+            return {"format_version": FORMAT_VERSION, "checkpoints": []}
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CorruptCheckpointError(
+                path, f"not valid JSON ({err}); move it aside and restart: the index is rebuilt from the checkpoint directories"
+            ) from err
+        if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
+            raise CorruptCheckpointError(path, "expected an object with a 'checkpoints' list; move it aside and restart to rebuild it")
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CorruptCheckpointError(
+                path, f"format_version {version!r} is newer than this hf_rl_ckpt understands ({FORMAT_VERSION}); upgrade hf_rl_ckpt"
+            )
+        return data
+
+    def write(self, data: dict[str, Any]) -> None:
+        data["format_version"] = FORMAT_VERSION
+        data["checkpoints"] = sorted(data["checkpoints"], key=lambda row: row["step"])
+        atomic_write_json(self.layout.registry_path, data)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Registry rows of committed checkpoints, oldest first."""
+        return self.read()["checkpoints"]
+
+    def reconcile(self) -> dict[str, Any]:
+        """Bring the index in line with the committed directories and return it.
+
+        Rows whose directory is gone are dropped; committed directories without a row are
+        indexed from their `training_info.json`. Nothing is written when they agree.
+        """
+        data = self.read()
+        committed = self.layout.committed_steps()
+        rows = {row["step"]: row for row in data["checkpoints"] if isinstance(row, dict) and isinstance(row.get("step"), int)}
+        changed = len(rows) != len(data["checkpoints"])
+        for step in list(rows):
+            if step not in committed:
+                logger.info("registry: dropping step %d, its directory is gone", step)
+                del rows[step]
+                changed = True
+        for step, path in committed.items():
+            if step not in rows:
+                rows[step] = record_from_training_info(step, path.name, json.loads((path / TRAINING_INFO).read_text()))
+                logger.info("registry: indexing committed checkpoint %s that was not listed", path.name)
+                changed = True
+        data["checkpoints"] = list(rows.values())
+        if changed:
+            self.write(data)
+        return data
+
+
+def record_from_training_info(step: int, name: str, info: dict[str, Any]) -> dict[str, Any]:
+    """The registry row of one checkpoint, derived from its training_info.json."""
+    return {
+        "step": step,
+        "name": name,
+        "epoch": info.get("epoch"),
+        "metrics": info.get("metrics") or {},
+        "created_at": info.get("created_at"),
+        "size_bytes": sum(entry.get("size", 0) for entry in (info.get("manifest") or {}).values()),
+    }

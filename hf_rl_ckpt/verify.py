@@ -1,0 +1,107 @@
+"""Manifests and verification of a checkpoint directory.
+
+`training_info.json` lists every file of a checkpoint with its size and sha256. Sizes are
+checked on every load (a stat per file, free), hashes on `verify` and on resume when
+`verify_on_resume` is set. Verification also refuses files the manifest does not list
+(a planted pickle must not ride along) and paths that escape the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from .atomic import sha256_file
+from .errors import CorruptCheckpointError
+from .layout import FORMAT_VERSION, TRAINING_INFO, safe_join
+
+Manifest = dict[str, dict[str, Any]]
+
+
+def list_files(root: str | os.PathLike) -> list[str]:
+    """Relative paths of every file below `root` except training_info.json, sorted."""
+    root = Path(root)
+    files = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            rel = Path(dirpath, name).relative_to(root).as_posix()
+            if rel != TRAINING_INFO:
+                files.append(rel)
+    return sorted(files)
+
+
+def build_manifest(root: str | os.PathLike, known: Mapping[str, tuple[int, str]] | None = None) -> Manifest:
+    """Size and sha256 of every file under `root`.
+
+    `known` holds (size, sha256) that writers computed while writing; those files are not
+    read again unless their size on disk disagrees.
+    """
+    known = known or {}
+    manifest: Manifest = {}
+    for rel in list_files(root):
+        size = os.path.getsize(Path(root, rel))
+        if rel in known and known[rel][0] == size:
+            digest = known[rel][1]
+        else:
+            digest = sha256_file(Path(root, rel))
+        manifest[rel] = {"size": size, "sha256": digest}
+    return manifest
+
+
+def read_training_info(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """Parse and sanity-check a checkpoint's training_info.json."""
+    path = Path(ckpt_dir) / TRAINING_INFO
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise CorruptCheckpointError(path, "missing: this directory is not a committed hf_rl_ckpt checkpoint") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(path, f"not valid JSON ({err})") from err
+    if not isinstance(info, dict) or not isinstance(info.get("manifest"), dict):
+        raise CorruptCheckpointError(path, "expected an object with a 'manifest' mapping")
+    version = info.get("format_version")
+    if not isinstance(version, int):
+        raise CorruptCheckpointError(path, f"format_version is {version!r}, expected an integer")
+    if version > FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            path, f"written in checkpoint format {version}, newer than this hf_rl_ckpt reads ({FORMAT_VERSION}); upgrade hf_rl_ckpt"
+        )
+    return info
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike, *, checksums: bool = True) -> dict[str, Any]:
+    """Check a checkpoint against its manifest; return its training_info.
+
+    Raises `CorruptCheckpointError` naming the first bad file, with every problem found
+    in the message: a file missing, of the wrong size, with the wrong sha256 (when
+    `checksums`), not listed in the manifest, or a path escaping the checkpoint.
+
+    ```python
+    >>> verify_checkpoint("runs/ckpt/step_40")        # doctest: +SKIP
+    ```
+    """
+    ckpt_dir = Path(ckpt_dir)
+    info = read_training_info(ckpt_dir)
+    manifest: Manifest = info["manifest"]
+    problems: list[tuple[Path, str]] = []
+    for rel, entry in manifest.items():
+        path = safe_join(ckpt_dir, rel)
+        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
+            problems.append((path, "manifest entry has no integer size"))
+        elif path.is_symlink():
+            problems.append((path, "is a symlink; checkpoints hold regular files only"))
+        elif not path.is_file():
+            problems.append((path, "missing"))
+        elif (size := path.stat().st_size) != entry["size"]:
+            problems.append((path, f"size {size} bytes, manifest says {entry['size']} (truncated or modified)"))
+        elif checksums and sha256_file(path) != entry.get("sha256"):
+            problems.append((path, "sha256 does not match the manifest (the file was modified or bit-flipped)"))
+    for rel in list_files(ckpt_dir):
+        if rel not in manifest:
+            problems.append((ckpt_dir / rel, "not listed in the manifest; remove it (it was not written by hf_rl_ckpt)"))
+    if problems:
+        detail = "; ".join(f"{p}: {why}" for p, why in problems)
+        raise CorruptCheckpointError(problems[0][0], problems[0][1] + (f" (all problems: {detail})" if len(problems) > 1 else ""))
+    return info
