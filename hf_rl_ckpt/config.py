@@ -42,6 +42,8 @@ class ResumeConfig:
         resume_path: checkpoint directory for `from_path`.
         load_weight_only: load only the model weights (start a new run from a checkpoint's
             weights with a fresh optimizer, scheduler and data order).
+        resume_dataloader: restore the data position (skip consumed batches); False starts
+            the data order afresh while optimizer and scheduler still resume.
         on_corrupt: what `auto` does when the newest checkpoint fails verification:
             `fallback` to the previous complete one with a warning, or `error`.
     """
@@ -49,6 +51,7 @@ class ResumeConfig:
     mode: ResumeMode = "auto"
     resume_path: str | None = None
     load_weight_only: bool = False
+    resume_dataloader: bool = True
     on_corrupt: Literal["fallback", "error"] = "fallback"
 
 
@@ -102,7 +105,9 @@ class CheckpointConfig:
     #: Keys accepted under other names: NeMo-RL/NexRL spellings -> field.
     ALIASES: typing.ClassVar[dict[str, str]] = {"save_freq": "save_period", "checkpoint_path": "checkpoint_dir"}
     #: Keys of NexRL's `trainer:` block that configure checkpointing; the rest of that block is not ours.
-    TRAINER_KEYS: typing.ClassVar[tuple[str, ...]] = ("checkpoint_path", "checkpoint_dir", "save_freq", "save_period")
+    TRAINER_KEYS: typing.ClassVar[tuple[str, ...]] = (
+        "checkpoint_path", "checkpoint_dir", "save_freq", "save_period", "sync_weight_path", "remove_previous_ckpt",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.resume, Mapping):
@@ -114,7 +119,9 @@ class CheckpointConfig:
         self._validate()
 
     def _validate(self) -> None:
-        if self.save_period is not None and self.save_period < 1:
+        if self.save_period == 0:
+            self.save_period = None  # NexRL's save_freq: 0 means "no periodic saves"
+        if self.save_period is not None and self.save_period < 0:
             raise ConfigError(f"save_period must be >= 1 (got {self.save_period}); leave it unset to save only on evaluation/end.")
         if self.sync_weight_period < 1:
             raise ConfigError(f"sync_weight_period must be >= 1 (got {self.sync_weight_period}).")
@@ -191,6 +198,10 @@ def _merge_blocks(data: Mapping[str, Any]) -> dict[str, Any]:
     for key in CheckpointConfig.TRAINER_KEYS:
         if key in trainer:
             merged[key] = trainer[key]
+    if merged.pop("remove_previous_ckpt", False) is True:
+        # NexRL's "keep only the newest checkpoint" is top-1 by recency.
+        merged.setdefault("keep_top_k", 1)
+        merged.setdefault("metric_name", STEP_METRIC)
     block = data.get("checkpointing") or {}
     if not isinstance(block, Mapping):
         raise ConfigError("checkpointing: must be a mapping.")

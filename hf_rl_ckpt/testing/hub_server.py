@@ -30,6 +30,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -44,11 +45,10 @@ import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, NamedTuple
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from typing import IO, Any, NamedTuple
+from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = ["HubServer", "RequestRecord", "hub_env", "main"]
 
@@ -64,12 +64,11 @@ _INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 # Default `.gitattributes` of a new model repo on huggingface.co: it is what makes `*.safetensors` LFS files.
 DEFAULT_GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
-    for pattern in (
-        "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lfs.*",
-        "*.lz4", "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet",
-        "*.pb", "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors", "saved_model/**/*",
-        "*.tar.*", "*.tar", "*.tflite", "*.tgz", "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*",
-    )
+    for pattern in """
+        *.7z *.arrow *.bin *.bz2 *.ckpt *.ftz *.gz *.h5 *.joblib *.lfs.* *.lz4 *.mlmodel *.model *.msgpack *.npy
+        *.npz *.onnx *.ot *.parquet *.pb *.pickle *.pkl *.pt *.pth *.rar *.safetensors saved_model/**/* *.tar.*
+        *.tar *.tflite *.tgz *.wasm *.xz *.zip *.zst *tfevents*
+    """.split()
 )
 
 # repo type -> (plural used in /api/<plural>/..., prefix used in /<prefix><repo_id>/resolve/...)
@@ -298,7 +297,7 @@ class _Storage:
         digest = hashlib.sha256()
         size = 0
 
-        def _write(f: Any) -> None:
+        def _write(f: IO[bytes]) -> None:
             nonlocal size
             for chunk in chunks:
                 digest.update(chunk)
@@ -306,14 +305,15 @@ class _Storage:
                 f.write(chunk)
             if digest.hexdigest() != expected_sha256 or size != expected_size:
                 raise _HubError(
-                    400, f"Uploaded content (sha256={digest.hexdigest()}, size={size}) does not match "
-                    f"the announced object (sha256={expected_sha256}, size={expected_size})"
+                    400,
+                    f"Uploaded content (sha256={digest.hexdigest()}, size={size}) does not match "
+                    f"the announced object (sha256={expected_sha256}, size={expected_size})",
                 )
 
         self._install(expected_sha256, _write)
         return size
 
-    def _install(self, sha256: str, write: Callable[[Any], None]) -> None:
+    def _install(self, sha256: str, write: Callable[[IO[bytes]], object]) -> None:
         final = self.object_path(sha256)
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=self.objects_dir, prefix=".upload-")
@@ -334,18 +334,20 @@ class _Storage:
         path = self.repo_dir(repo) / "meta.json"
         return _read_json(path) if path.is_file() else None
 
-    def create_repo(self, repo: RepoRef, private: bool, author: str) -> bool:
-        """Create ``repo`` with its initial ``.gitattributes`` commit; False if it already exists."""
+    def create_repo(self, repo: RepoRef, private: bool, author: str) -> dict[str, Any] | None:
+        """Create ``repo`` with its initial ``.gitattributes`` commit; returns its meta, None if it exists.
+
+        ``meta.json`` is written last: a half-created repo is invisible to readers.
+        """
         with self.lock:
             if self.meta(repo) is not None:
-                return False
-            date = _now_iso()
-            files = {".gitattributes": self._regular_entry(DEFAULT_GITATTRIBUTES.encode())}
+                return None
+            files = {".gitattributes": self.regular_entry(DEFAULT_GITATTRIBUTES.encode())}
             commit_id = self._write_commit(repo, [], files, "initial commit", "", author)
             _write_json_atomic(self.repo_dir(repo) / "refs.json", {DEFAULT_BRANCH: commit_id})
-            meta = {"id": uuid.uuid4().hex[:24], "private": private, "created_at": date}
+            meta = {"id": uuid.uuid4().hex[:24], "private": private, "created_at": _now_iso()}
             _write_json_atomic(self.repo_dir(repo) / "meta.json", meta)
-            return True
+            return meta
 
     def delete_repo(self, repo: RepoRef) -> bool:
         """Delete the repo's metadata; blobs stay (they are shared, content-addressed)."""
@@ -435,8 +437,14 @@ class _Storage:
         description: str,
         author: str,
     ) -> str:
-        commit = {"parents": parents, "files": files, "title": title, "message": description,
-                  "author": author, "date": _now_iso()}
+        commit = {
+            "parents": parents,
+            "files": files,
+            "title": title,
+            "message": description,
+            "author": author,
+            "date": _now_iso(),
+        }
         # A random nonce keeps ids unique (two identical commits in the same millisecond are still distinct).
         commit_id = hashlib.sha1(json.dumps({**commit, "nonce": uuid.uuid4().hex}, sort_keys=True).encode()).hexdigest()
         _write_json_atomic(self.repo_dir(repo) / "commits" / f"{commit_id}.json", {"id": commit_id, **commit})
@@ -444,12 +452,9 @@ class _Storage:
 
     # ---- tree entries -----------------------------------------------------------------------------------------
 
-    def _regular_entry(self, content: bytes) -> dict[str, Any]:
-        return {"sha256": self.put_bytes(content), "size": len(content), "lfs": False, "oid": _git_blob_oid(content)}
-
     def regular_entry(self, content: bytes) -> dict[str, Any]:
         """Store a regular (git) file's content and return its tree entry."""
-        return self._regular_entry(content)
+        return {"sha256": self.put_bytes(content), "size": len(content), "lfs": False, "oid": _git_blob_oid(content)}
 
     def lfs_entry(self, sha256: str) -> dict[str, Any]:
         """Tree entry for an already uploaded LFS object (its git oid is the pointer file's)."""
@@ -498,7 +503,7 @@ def _tree_json(files: dict[str, dict[str, Any]], folder: str, recursive: bool) -
     for path in sorted(files):
         if not path.startswith(prefix):
             continue
-        parts = path[len(prefix):].split("/")
+        parts = path[len(prefix) :].split("/")
         if recursive:
             listed.append(path)
             folders.update(prefix + "/".join(parts[:i]) for i in range(1, len(parts)))
@@ -537,15 +542,17 @@ class _Request:
         self.query = parse_qs(split.query)
         self.authenticated = False
         self._body_started = False
+        self._body_complete = False
         self._body: bytes | None = None
 
     def header(self, name: str) -> str | None:
         return self.handler.headers.get(name)
 
     def bearer_token(self) -> str | None:
-        value = self.header("Authorization") or ""
-        scheme, _, token = value.partition(" ")
-        return token.strip() or None if scheme.lower() == "bearer" else None
+        scheme, _, token = (self.header("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        return token.strip() or None
 
     def query_flag(self, name: str) -> bool:
         return self.query.get(name, ["false"])[-1].lower() in ("1", "true")
@@ -558,17 +565,18 @@ class _Request:
         rfile = self.handler.rfile
         if (self.header("Transfer-Encoding") or "").lower() == "chunked":
             yield from self._iter_chunked(rfile)
-            return
-        remaining = int(self.header("Content-Length") or 0)
-        while remaining > 0:
-            chunk = rfile.read(min(_CHUNK, remaining))
-            if not chunk:
-                raise _HubError(400, "Request body shorter than Content-Length")
-            remaining -= len(chunk)
-            yield chunk
+        else:
+            remaining = int(self.header("Content-Length") or 0)
+            while remaining > 0:
+                chunk = rfile.read(min(_CHUNK, remaining))
+                if not chunk:
+                    raise _HubError(400, "Request body shorter than Content-Length")
+                remaining -= len(chunk)
+                yield chunk
+        self._body_complete = True
 
     @staticmethod
-    def _iter_chunked(rfile: Any) -> Iterator[bytes]:
+    def _iter_chunked(rfile: io.BufferedIOBase) -> Iterator[bytes]:
         while True:
             size = int(rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
             if size == 0:
@@ -589,11 +597,18 @@ class _Request:
         except json.JSONDecodeError as exc:
             raise _HubError(400, f"Invalid JSON body: {exc}") from exc
 
-    def drain(self) -> None:
-        """Consume an unread body so the next request on this keep-alive connection parses correctly."""
+    def drain(self) -> bool:
+        """Consume an unread body so the next request on this keep-alive connection parses correctly.
+
+        Returns False when that is impossible (body abandoned half-read): the connection must then close.
+        """
         if not self._body_started:
-            for _ in self.iter_body():
-                pass
+            try:
+                for _ in self.iter_body():
+                    pass
+            except (_HubError, OSError, ValueError):
+                return False
+        return self._body_complete
 
 
 @dataclass(frozen=True)
@@ -649,7 +664,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature fixed by the base class
+    def log_message(self, format: str, *args: object) -> None:
         logger.debug("%s - %s", self.address_string(), format % args)
 
 
@@ -702,7 +717,10 @@ class HubServer:
         if self._httpd is not None:
             raise RuntimeError("HubServer is already started")
         self._httpd = _ThreadingServer(self._address, self)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="HubServer", daemon=True)
+        # A short poll interval keeps stop() fast (shutdown() waits for the serving loop's next poll).
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="HubServer", daemon=True
+        )
         self._thread.start()
         logger.info("HubServer serving %s on %s", self._storage.repos_dir.parent, self.url)
         return self
@@ -730,8 +748,7 @@ class HubServer:
         """Base URL (``http://127.0.0.1:<port>``), i.e. the value for ``HF_ENDPOINT``."""
         if self._httpd is None:
             raise RuntimeError("HubServer is not started; call start() or use it as a context manager")
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{self._address[0]}:{self._httpd.server_port}"
 
     # ---- test hooks -------------------------------------------------------------------------------------------
 
@@ -749,7 +766,7 @@ class HubServer:
 
     @property
     def requests(self) -> list[RequestRecord]:
-        """Snapshot of all requests served so far, in completion order."""
+        """Snapshot of all requests answered so far, in answer order (logged before the response is sent)."""
         with self._state_lock:
             return list(self._requests)
 
@@ -781,13 +798,12 @@ class HubServer:
         except Exception:  # a bug here must surface as a 500 to the client, not a dropped connection
             logger.exception("HubServer: unhandled error for %s %s", request.method, request.path)
             response = _Response.error(_HubError(500, "Internal server error (see HubServer logs)"))
-        try:
-            request.drain()
-        except _HubError:
+        if not request.drain():
             handler.close_connection = True
-        self._write(handler, request, response)
+        # Logged before answering: once the client has its response, tests may assert on the log.
         with self._state_lock:
             self._requests.append(RequestRecord(request.method, request.path, response.status))
+        self._write(handler, request, response)
 
     def _respond(self, request: _Request) -> _Response:
         fault = self._take_fault(request.path)
@@ -888,18 +904,18 @@ class HubServer:
             kind = _TYPE_BY_PLURAL[groups["prefix"]] if groups["prefix"] else "model"
         return RepoRef(kind, unquote(groups["repo"]))
 
-    def _open_repo(self, request: _Request, match: re.Match[str]) -> RepoRef:
-        """The addressed repo, if it exists and the caller may see it (else the Hub's ``RepoNotFound``)."""
+    def _open_repo(self, request: _Request, match: re.Match[str]) -> tuple[RepoRef, dict[str, Any]]:
+        """The addressed repo and its meta, if it exists and the caller may see it (else ``RepoNotFound``)."""
         repo = self._repo_ref(match)
         meta = self._storage.meta(repo)
         if meta is None:
             raise _repo_not_found()
         if meta["private"] and not request.authenticated:
-            raise _repo_not_found(401)
-        return repo
+            raise _repo_not_found(401)  # what the Hub answers anonymous callers, so existence is not leaked
+        return repo, meta
 
     def _open_revision(self, request: _Request, match: re.Match[str]) -> tuple[RepoRef, dict[str, Any]]:
-        repo = self._open_repo(request, match)
+        repo, _ = self._open_repo(request, match)
         return repo, self._storage.resolve(repo, unquote(match["rev"]))
 
     def _repo_url(self, repo: RepoRef) -> str:
@@ -910,17 +926,19 @@ class HubServer:
     def _whoami(self, request: _Request, match: re.Match[str]) -> _Response:
         if not request.authenticated:
             raise _HubError(401, _INVALID_CREDENTIALS)
-        return _Response.json({
-            "type": "user",
-            "id": hashlib.sha1(self.username.encode()).hexdigest()[:24],
-            "name": self.username,
-            "fullname": self.username,
-            "email": None,
-            "emailVerified": False,
-            "isPro": False,
-            "orgs": [],
-            "auth": {"type": "access_token", "accessToken": {"displayName": "hub-server", "role": "write"}},
-        })
+        return _Response.json(
+            {
+                "type": "user",
+                "id": hashlib.sha1(self.username.encode()).hexdigest()[:24],
+                "name": self.username,
+                "fullname": self.username,
+                "email": None,
+                "emailVerified": False,
+                "isPro": False,
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "hub-server", "role": "write"}},
+            }
+        )
 
     def _repo_from_payload(self, payload: dict[str, Any]) -> RepoRef:
         kind = payload.get("type") or "model"
@@ -936,10 +954,11 @@ class HubServer:
         repo = self._repo_from_payload(payload)
         private = payload.get("visibility", "public") == "private" or bool(payload.get("private"))
         url = self._repo_url(repo)
-        if not self._storage.create_repo(repo, private, self.username):
+        meta = self._storage.create_repo(repo, private, self.username)
+        if meta is None:
             # The client reads `url` even from the 409 answer when `exist_ok=True`.
             return _Response.json({"error": f"You already created this {repo.kind} repo", "url": url}, status=409)
-        return _Response.json({"url": url, "name": repo.repo_id, "id": self._storage.meta(repo)["id"]})
+        return _Response.json({"url": url, "name": repo.repo_id, "id": meta["id"]})
 
     def _delete_repo(self, request: _Request, match: re.Match[str]) -> _Response:
         repo = self._repo_from_payload(request.json())
@@ -949,15 +968,14 @@ class HubServer:
 
     def _validate_yaml(self, request: _Request, match: re.Match[str]) -> _Response:
         """Accept any card: metadata validation is the real Hub's business, not what tests exercise."""
-        request.drain()
         return _Response.json({"errors": [], "warnings": []})
 
     # ---- read API ---------------------------------------------------------------------------------------------
 
     def _repo_info(self, request: _Request, match: re.Match[str]) -> _Response:
-        repo = self._open_repo(request, match)
-        meta = self._storage.meta(repo) or {}
-        commit = self._storage.resolve(repo, unquote(match["rev"]) if match["rev"] else DEFAULT_BRANCH)
+        repo, meta = self._open_repo(request, match)
+        revision = match.groupdict().get("rev")
+        commit = self._storage.resolve(repo, unquote(revision) if revision else DEFAULT_BRANCH)
         with_blobs = request.query_flag("blobs")
         siblings = []
         for path, entry in sorted(commit["files"].items()):
@@ -969,22 +987,24 @@ class HubServer:
                     lfs = file_json["lfs"]
                     sibling["lfs"] = {"size": lfs["size"], "sha256": lfs["oid"], "pointerSize": lfs["pointerSize"]}
             siblings.append(sibling)
-        return _Response.json({
-            "_id": meta["id"],
-            "id": repo.repo_id,
-            "author": repo.repo_id.split("/")[0],
-            "sha": commit["id"],
-            "lastModified": commit["date"],
-            "createdAt": meta["created_at"],
-            "private": meta["private"],
-            "gated": False,
-            "disabled": False,
-            "downloads": 0,
-            "likes": 0,
-            "tags": [],
-            "siblings": siblings,
-            "usedStorage": sum(e["size"] for e in commit["files"].values()),
-        })
+        return _Response.json(
+            {
+                "_id": meta["id"],
+                "id": repo.repo_id,
+                "author": repo.repo_id.split("/")[0],
+                "sha": commit["id"],
+                "lastModified": commit["date"],
+                "createdAt": meta["created_at"],
+                "private": meta["private"],
+                "gated": False,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "siblings": siblings,
+                "usedStorage": sum(e["size"] for e in commit["files"].values()),
+            }
+        )
 
     def _tree(self, request: _Request, match: re.Match[str]) -> _Response:
         _, commit = self._open_revision(request, match)
@@ -1004,7 +1024,7 @@ class HubServer:
         return _Response.json(out)
 
     def _refs(self, request: _Request, match: re.Match[str]) -> _Response:
-        repo = self._open_repo(request, match)
+        repo, _ = self._open_repo(request, match)
         branches = [
             {"name": name, "ref": f"refs/heads/{name}", "targetCommit": commit_id}
             for name, commit_id in sorted(self._storage.branches(repo).items())
@@ -1032,23 +1052,29 @@ class HubServer:
         if entry["lfs"]:
             headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(entry["size"])})
         start, length, status = self._byte_range(request.header("Range"), entry["size"], headers)
-        return _Response(status=status, headers=headers, file=self._storage.object_path(entry["sha256"]),
-                         file_start=start, file_length=length)
+        return _Response(
+            status=status,
+            headers=headers,
+            file=self._storage.object_path(entry["sha256"]),
+            file_start=start,
+            file_length=length,
+        )
 
     @staticmethod
     def _byte_range(range_header: str | None, size: int, headers: dict[str, str]) -> tuple[int, int, int]:
         """(start, length, status) for a single ``bytes=a-b`` range, so interrupted downloads can resume."""
         if not range_header:
             return 0, size, 200
+        unsatisfiable = {"Content-Range": f"bytes */{size}"}
         m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", range_header)
         if m is None or not (m[1] or m[2]):
-            raise _HubError(416, f"Unsupported Range header: {range_header}", headers={"Content-Range": f"bytes */{size}"})
+            raise _HubError(416, f"Unsupported Range header: {range_header}", headers=unsatisfiable)
         if m[1]:
             start, end = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
         else:
             start, end = max(size - int(m[2]), 0), size - 1
         if start >= size or start > end:
-            raise _HubError(416, "Requested range not satisfiable", headers={"Content-Range": f"bytes */{size}"})
+            raise _HubError(416, "Requested range not satisfiable", headers=unsatisfiable)
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         return start, end - start + 1, 206
 
@@ -1056,7 +1082,7 @@ class HubServer:
 
     def _writable_branch(self, request: _Request, match: re.Match[str]) -> tuple[RepoRef, str]:
         """Repo and target branch of a write; pull requests (``create_pr``) are not supported."""
-        repo = self._open_repo(request, match)
+        repo, _ = self._open_repo(request, match)
         if request.query_flag("create_pr"):
             raise _HubError(400, "Pull requests are not supported by HubServer")
         branch = unquote(match["rev"]).removeprefix("refs/heads/")
@@ -1101,7 +1127,7 @@ class HubServer:
 
         def apply(files: dict[str, dict[str, Any]]) -> None:
             for key, path, entry in staged:
-                if key in ("file", "lfsFile"):
+                if entry is not None:  # "file" / "lfsFile"
                     files[path] = entry
                 elif key == "deletedFile":
                     if files.pop(path, None) is None:
@@ -1114,16 +1140,23 @@ class HubServer:
                         del files[p]
 
         commit_id = self._storage.commit(
-            repo, branch, apply, header.get("summary") or "", header.get("description") or "",
-            self.username, header.get("parentCommit"),
+            repo,
+            branch,
+            apply,
+            header.get("summary") or "",
+            header.get("description") or "",
+            self.username,
+            header.get("parentCommit"),
         )
-        return _Response.json({
-            "success": True,
-            "commitOid": commit_id,
-            "commitUrl": f"{self._repo_url(repo)}/commit/{commit_id}",
-            "hookOutput": "",
-            "pullRequestUrl": None,
-        })
+        return _Response.json(
+            {
+                "success": True,
+                "commitOid": commit_id,
+                "commitUrl": f"{self._repo_url(repo)}/commit/{commit_id}",
+                "hookOutput": "",
+                "pullRequestUrl": None,
+            }
+        )
 
     @staticmethod
     def _parse_commit(body: bytes) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
@@ -1159,7 +1192,7 @@ class HubServer:
         raise _HubError(400, f"Unsupported commit operation: {key!r}")
 
     def _branch(self, request: _Request, match: re.Match[str]) -> _Response:
-        repo = self._open_repo(request, match)
+        repo, _ = self._open_repo(request, match)
         branch = unquote(match["branch"])
         if request.method == "DELETE":
             self._storage.delete_branch(repo, branch)
@@ -1176,7 +1209,7 @@ class HubServer:
 
     def _lfs_batch(self, request: _Request, match: re.Match[str]) -> _Response:
         """git-lfs batch API: upload actions only for objects not stored yet (dedup across commits and repos)."""
-        repo = self._open_repo(request, match)
+        repo, _ = self._open_repo(request, match)
         payload = request.json()
         if payload.get("operation") != "upload":
             raise _HubError(400, "HubServer only implements the LFS 'upload' operation")
@@ -1185,18 +1218,31 @@ class HubServer:
         for obj in payload.get("objects", []):
             oid, size = str(obj.get("oid")), obj.get("size")
             if _SHA256.fullmatch(oid) is None or not isinstance(size, int) or size < 0:
-                objects.append({"oid": oid, "size": size if isinstance(size, int) else 0,
-                                "error": {"code": 422, "message": "Invalid oid or size"}})
+                objects.append(
+                    {
+                        "oid": oid,
+                        "size": size if isinstance(size, int) else 0,
+                        "error": {"code": 422, "message": "Invalid oid or size"},
+                    }
+                )
             elif self._storage.has_object(oid):
                 objects.append({"oid": oid, "size": size})
             else:
                 query = f"size={size}&sig={self._lfs_signature(repo, oid, size)}"
-                objects.append({"oid": oid, "size": size, "authenticated": True, "actions": {
-                    "upload": {"href": f"{git_url}/{oid}?{query}"},
-                    "verify": {"href": f"{git_url}/verify"},
-                }})
-        return _Response.json({"transfer": "basic", "objects": objects},
-                              headers={"Content-Type": "application/vnd.git-lfs+json"})
+                objects.append(
+                    {
+                        "oid": oid,
+                        "size": size,
+                        "authenticated": True,
+                        "actions": {
+                            "upload": {"href": f"{git_url}/{oid}?{query}"},
+                            "verify": {"href": f"{git_url}/verify"},
+                        },
+                    }
+                )
+        return _Response.json(
+            {"transfer": "basic", "objects": objects}, headers={"Content-Type": "application/vnd.git-lfs+json"}
+        )
 
     def _lfs_put(self, request: _Request, match: re.Match[str]) -> _Response:
         repo = self._repo_ref(match)
@@ -1231,21 +1277,22 @@ _TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "HU
 
 def _env_for(url: str, hf_home: Path, token: str | None) -> dict[str, str | None]:
     """Environment for the client (``None`` = unset): read by subprocesses and by fresh imports."""
-    no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1", "localhost"]))
     env: dict[str, str | None] = {name: None for name in _TOKEN_ENV_VARS}
-    env.update({
-        "HF_ENDPOINT": url,
-        "HF_HUB_DISABLE_XET": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_HUB_OFFLINE": "0",
-        "HF_HOME": str(hf_home),
-        "HF_HUB_CACHE": str(hf_home / "hub"),
-        "HF_ASSETS_CACHE": str(hf_home / "assets"),
-        "HF_XET_CACHE": str(hf_home / "xet"),
-        "HF_TOKEN_PATH": str(hf_home / "token"),
-        "NO_PROXY": no_proxy,
-        "no_proxy": no_proxy,
-    })
+    for name in ("NO_PROXY", "no_proxy"):  # a corporate HTTP(S)_PROXY must not intercept 127.0.0.1
+        env[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1", "localhost"]))
+    env.update(
+        {
+            "HF_ENDPOINT": url,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_OFFLINE": "0",
+            "HF_HOME": str(hf_home),
+            "HF_HUB_CACHE": str(hf_home / "hub"),
+            "HF_ASSETS_CACHE": str(hf_home / "assets"),
+            "HF_XET_CACHE": str(hf_home / "xet"),
+            "HF_TOKEN_PATH": str(hf_home / "token"),
+        }
+    )
     if token is not None:
         env["HF_TOKEN"] = token
     return env
@@ -1256,7 +1303,6 @@ def _constants_for(url: str, hf_home: Path) -> dict[str, Any]:
     return {
         "ENDPOINT": url,
         "HUGGINGFACE_CO_URL_TEMPLATE": url + "/{repo_id}/resolve/{revision}/{filename}",
-        "HF_URL_HOSTS": frozenset({"hf.co", "huggingface.co", "hub-ci.huggingface.co", urlsplit(url).hostname}),
         "HF_HUB_OFFLINE": False,
         "HF_HUB_DISABLE_XET": True,
         "HF_HUB_DISABLE_TELEMETRY": True,
@@ -1293,8 +1339,7 @@ def _patched_environ(values: dict[str, str | None]) -> Iterator[None]:
 @contextlib.contextmanager
 def _patched_hf_hub(url: str, hf_home: Path) -> Iterator[None]:
     """Patch the import-time snapshots of the environment inside an already-imported ``huggingface_hub``."""
-    from huggingface_hub import constants, hf_api
-    from huggingface_hub.utils import close_session
+    from huggingface_hub import close_session, constants, hf_api
 
     overrides = {name: value for name, value in _constants_for(url, hf_home).items() if hasattr(constants, name)}
     originals = {name: getattr(constants, name) for name in overrides}
@@ -1309,9 +1354,9 @@ def _patched_hf_hub(url: str, hf_home: Path) -> Iterator[None]:
             patch(constants, name, value)
             # `from huggingface_hub.constants import X` copies (e.g. utils._cache_manager.HF_HUB_CACHE).
             for module_name, module in list(sys.modules.items()):
-                if module_name.startswith("huggingface_hub.") and module is not constants:
-                    if name in vars(module) and vars(module)[name] is originals[name]:
-                        patch(module, name, value)
+                copied = module_name.startswith("huggingface_hub.") and module is not constants
+                if copied and name in vars(module) and vars(module)[name] is originals[name]:
+                    patch(module, name, value)
         # Module-level functions (`upload_file`, `create_repo`, ...) are bound methods of this instance.
         if hf_api.api.endpoint == originals["ENDPOINT"]:
             patch(hf_api.api, "endpoint", url)
@@ -1370,8 +1415,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", required=True, help="directory holding the repos (created if missing)")
     parser.add_argument("--port", type=int, default=0, help="port to bind (0 = any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind")
-    parser.add_argument("--token", action="append", dest="tokens",
-                        help="accepted bearer token (repeatable); without it the server is open")
+    parser.add_argument(
+        "--token",
+        action="append",
+        dest="tokens",
+        help="accepted bearer token (repeatable); without it the server is open",
+    )
     parser.add_argument("--username", default="test-user", help="user name reported by whoami")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

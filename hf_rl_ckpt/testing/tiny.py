@@ -43,7 +43,7 @@ import os
 import random
 import re
 from importlib import resources
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import datasets
 import torch
@@ -160,7 +160,7 @@ def build_tokenizer(save_dir: str | os.PathLike[str] | None = None) -> PreTraine
     return tokenizer
 
 
-def tiny_config(arch: Arch = "llama", vocab_size: int | None = None, **overrides: object) -> PretrainedConfig:
+def tiny_config(arch: Arch = "llama", vocab_size: int | None = None, **overrides: Any) -> PretrainedConfig:
     """Return a tiny causal-LM config.
 
     Hidden size 64, 2 layers, 2 attention heads of ``head_dim`` 32 (the minimum vLLM's CPU
@@ -180,7 +180,7 @@ def tiny_config(arch: Arch = "llama", vocab_size: int | None = None, **overrides
         ('qwen2', 1, True)
     """
     tokenizer = build_tokenizer()
-    kwargs: dict[str, object] = {
+    kwargs: dict[str, Any] = {
         "vocab_size": vocab_size if vocab_size is not None else len(tokenizer),
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -212,7 +212,7 @@ def build_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     dropout: float = 0.0,
-    **config_overrides: object,
+    **config_overrides: Any,
 ) -> PreTrainedModel:
     """Build a randomly initialised tiny causal LM.
 
@@ -237,7 +237,7 @@ def build_model(
     config = tiny_config(arch, attention_dropout=dropout, **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model: PreTrainedModel = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,

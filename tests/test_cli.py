@@ -1,0 +1,37 @@
+"""The hf-rl-ckpt command line: list and verify, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from hf_rl_ckpt import CheckpointConfig, CheckpointManager
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hf_rl_ckpt.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_list_and_verify(tmp_path, make_objects):
+    objs = make_objects()
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path), keep_top_k=1, metric_name="val_reward"))
+    manager.save(10, **objs.as_kwargs(), metrics={"val_reward": 0.8})
+    manager.save(20, **objs.as_kwargs(), metrics={"val_reward": 0.3})
+
+    table = _cli("list", str(tmp_path))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["step", "metrics", "top-k", "size", "status"]
+    assert lines[2].split()[:3] == ["10", "val_reward=0.8", "1"] and lines[2].endswith("complete")
+    assert lines[3].split()[:3] == ["20", "val_reward=0.3", "-"]
+
+    rows = json.loads(_cli("list", str(tmp_path), "--json", "--verify").stdout)
+    assert [(r["step"], r["status"]) for r in rows] == [(10, "verified"), (20, "verified")]
+
+    ok = _cli("verify", str(tmp_path / "step_20"))
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    (tmp_path / "step_20" / "scheduler.json").write_text("{}")
+    bad = _cli("verify", str(tmp_path / "step_20"))
+    assert bad.returncode == 1 and "scheduler.json" in bad.stderr
+    assert _cli("verify", str(tmp_path)).returncode == 2

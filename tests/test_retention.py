@@ -1,0 +1,69 @@
+"""Top-k retention: the right set over metric sequences, ties, NaN and missing metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hf_rl_ckpt import CheckpointConfig, CheckpointManager
+from hf_rl_ckpt.errors import CheckpointError
+from hf_rl_ckpt.retention import RetentionPolicy, metric_value
+
+
+def _replay(policy: RetentionPolicy, sequence: list[tuple[int, float | None]]) -> set[int]:
+    """Apply the policy after each save, as the manager does, and return what survives."""
+    kept: dict[int, float | None] = {}
+    for step, value in sequence:
+        kept[step] = value
+        kept = {s: v for s, v in kept.items() if s in policy.retained(kept)}
+    return set(kept)
+
+
+def test_higher_is_better_keeps_best_k_plus_newest():
+    policy = RetentionPolicy(2, "val_reward", True)
+    assert _replay(policy, [(1, 0.1), (2, 0.5), (3, 0.3), (4, 0.9), (5, 0.2)]) == {2, 4, 5}
+
+
+def test_lower_is_better():
+    policy = RetentionPolicy(2, "eval_loss", False)
+    assert _replay(policy, [(1, 3.0), (2, 1.0), (3, 2.0), (4, 0.5), (5, 4.0)]) == {2, 4, 5}
+
+
+def test_ties_prefer_the_newer_step():
+    policy = RetentionPolicy(2, "r", True)
+    assert policy.top_k({10: 0.5, 20: 0.5, 30: 0.5}) == [30, 20]
+    assert _replay(policy, [(10, 0.5), (20, 0.5), (30, 0.5), (40, 0.1)]) == {20, 30, 40}
+
+
+def test_missing_metric_is_kept_only_while_newest():
+    policy = RetentionPolicy(1, "r", True)
+    assert _replay(policy, [(1, 0.4), (2, None), (3, 0.2)]) == {1, 3}
+
+
+def test_step_metric_keeps_the_most_recent():
+    policy = RetentionPolicy(2, "step", True)
+    values = {s: metric_value({}, "step", s) for s in (1, 2, 3, 4)}
+    assert policy.retained(values) == {3, 4}
+
+
+def test_nan_metric_rejected_before_writing(tmp_path, make_objects):
+    objs = make_objects()
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path), keep_top_k=2, metric_name="r"))
+    with pytest.raises(CheckpointError, match=r"metric 'r' is NaN at step 3"):
+        manager.save(3, model=objs.model, metrics={"r": math.nan})
+    assert manager.checkpoints() == [] and not any(tmp_path.glob("step_*"))
+
+
+def test_manager_applies_topk_over_a_run(tmp_path, make_objects, caplog):
+    objs = make_objects()
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path), keep_top_k=2, metric_name="val_reward"))
+    sequence = [(1, 0.2), (2, 0.7), (3, 0.7), (4, None), (5, 0.1), (6, 0.9)]
+    for step, value in sequence:
+        manager.save(step, model=objs.model, metrics={} if value is None else {"val_reward": value})
+    assert "metric 'val_reward' is not among this save's metrics" in caplog.text
+    rows = {row["step"]: row["top_k_rank"] for row in manager.checkpoints()}
+    assert rows == {6: 1, 3: 2}
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_3", "step_6"]
+    assert manager.best().name == "step_6"
+    assert "evicted step(s) 2, 5" in caplog.text
