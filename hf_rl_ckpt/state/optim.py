@@ -38,7 +38,8 @@ def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, rest = _split(get_optimizer_state_dict(model, optimizer, options=_OPTIONS))
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(out_dir), save_distributed=distributed.is_distributed()))
+    with distributed.quiet_single_process_dcp():
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(out_dir), save_distributed=distributed.is_distributed()))
     if distributed.rank() == 0:
         atomic_write_bytes(out_dir / NON_TENSOR_STATE, jsoncodec.dumps(rest, "optimizer"))
 
@@ -62,5 +63,6 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, in_
             f"optimizer state in {in_dir} does not fit this model/optimizer (different parameters or optimizer type?); "
             f"first mismatching keys: {', '.join(names)}"
         )
-    dcp.load(template, storage_reader=reader)
+    with distributed.quiet_single_process_dcp():
+        dcp.load(template, storage_reader=reader)
     set_optimizer_state_dict(model, optimizer, {**template, **rest}, options=_OPTIONS)
