@@ -21,7 +21,19 @@ from .verify import verify_checkpoint
 
 __version__ = "0.1.0"
 
+# Imported on first use: the callback pulls in transformers.Trainer, which custom loops do not need.
+_LAZY = {"CheckpointCallback": "hf_rl_ckpt.integrations.trainer"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_rl_ckpt' has no attribute {name!r}")
+
 __all__ = [
+    "CheckpointCallback",
     "CheckpointConfig",
     "ResumeConfig",
     "CheckpointManager",

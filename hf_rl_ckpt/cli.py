@@ -1,7 +1,17 @@
 """`hf-rl-ckpt`: inspect and check checkpoints from the shell.
 
-Exit codes: 0 success; 1 a check failed (e.g. `verify` found a bad file); 2 bad usage or
-input that is not a checkpoint (argparse also exits 2 on usage errors).
+Commands (each has `--help`):
+    list DIR [--json] [--verify]     the committed checkpoints of a run, with metrics and top-k rank
+    inspect CKPT [--json]            one checkpoint: files, sizes, dtypes, parameter count, metrics, Hub status
+    verify CKPT|BUNDLE.tar           re-hash every file against the manifest (or the bundle's file list)
+    export CKPT OUT [--merge-lora]   the model folder; OUT ending in .tar/.tar.gz/.tgz writes a single-file bundle
+    convert SRC OUT                  an HF Trainer / Accelerate / NeMo-RL checkpoint folder into our layout
+    push CKPT --repo-id ID           publish to the Hugging Face Hub
+    plot DIR                         the ranking metric vs step
+
+Exit codes: 0 success; 1 a check failed (`verify` found a bad file, `inspect` a corrupt
+checkpoint, a push failed); 2 bad usage or bad input: not a checkpoint, a refused pickle,
+an existing output (argparse also exits 2 on usage errors).
 """
 
 from __future__ import annotations
@@ -13,9 +23,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .errors import CheckpointError, CorruptCheckpointError
-from .layout import TRAINING_INFO, CheckpointLayout
+from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, TRAINING_INFO, CheckpointLayout
 from .registry import Registry
-from .verify import verify_checkpoint
+from .state.safetensors_io import check_safetensors_header
+from .verify import read_training_info, verify_checkpoint
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 a check failed (a corrupt file, a failed push); "
+    "2 bad usage or bad input (not a checkpoint, a refused pickle, an existing output)."
+)
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -33,21 +49,9 @@ def _format_metrics(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())) or "-"
 
 
-def _layout_for(directory: Path) -> CheckpointLayout:
-    """The layout of a run directory, with the checkpoint name template its registry records."""
-    registry = CheckpointLayout(directory).registry_path
-    template = "step_{step}"
-    if registry.is_file():
-        try:
-            template = json.loads(registry.read_text()).get("name_template", template)
-        except json.JSONDecodeError:
-            template = "step_{step}"
-    return CheckpointLayout(directory, template)
-
-
 def list_rows(directory: Path, checksums: bool = False) -> list[dict[str, Any]]:
     """One row per committed checkpoint: the registry's record plus a verification status."""
-    layout = _layout_for(directory)
+    layout = CheckpointLayout.of_run(directory)
     records = {row["step"]: row for row in Registry(layout).records()}
     rows = []
     for step, path in layout.committed_steps().items():
@@ -88,7 +92,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .bundle import is_bundle_path, verify_bundle
+
     path = Path(args.ckpt)
+    if is_bundle_path(path) and path.is_file():
+        try:
+            description = verify_bundle(path)
+        except CorruptCheckpointError as err:
+            print(f"FAILED {err.path}: {err.reason}", file=sys.stderr)
+            return EXIT_CHECK_FAILED
+        print(f"OK {path}: {len(description['files'])} files match the bundle's file list (size and sha256)")
+        return EXIT_OK
     if not (path / TRAINING_INFO).is_file():
         print(f"error: {path} is not a committed checkpoint (no {TRAINING_INFO})", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -101,11 +115,125 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import export_bundle, is_bundle_path  # imports transformers/peft: only for this command
+    from .export import export_checkpoint
+
+    if is_bundle_path(args.out):
+        out = export_bundle(args.ckpt, args.out, compress=not args.no_compress, merge_lora=args.merge_lora, base=args.base)
+    elif args.no_compress:
+        print("error: --no-compress applies to a single-file export; name OUT like model.tar", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    else:
+        out = export_checkpoint(args.ckpt, args.out, merge_lora=args.merge_lora, base=args.base)
+    print(f"exported {args.ckpt} -> {out}" + (" (LoRA merged into its base)" if args.merge_lora else ""))
+    return EXIT_OK
+
+
+def inspect_checkpoint(path: Path) -> dict[str, Any]:
+    """What `inspect` shows: status, step, metrics, model summary, weight dtypes and parameter count, files, Hub status."""
+    info = read_training_info(path)
+    try:
+        verify_checkpoint(path, checksums=False)
+        status = "complete (sizes and headers checked; `verify` re-hashes)"
+    except CorruptCheckpointError as err:
+        status = f"CORRUPT: {err.path}: {err.reason}"
+    dtypes: dict[str, int] = {}
+    weights = [rel for rel in info["manifest"] if rel.startswith((CONSOLIDATED_DIR + "/", ADAPTER_DIR + "/")) and rel.endswith(".safetensors")]
+    for rel in weights:
+        if status.startswith("complete"):
+            for entry in check_safetensors_header(path / rel).values():
+                numel = 1
+                for dim in entry["shape"]:
+                    numel *= dim
+                dtypes[str(entry["dtype"])] = dtypes.get(str(entry["dtype"]), 0) + numel
+    registry = Registry(CheckpointLayout.of_run(path.parent)).read() if (path.parent / "checkpoints.json").is_file() else {}
+    hub = registry.get("hub") if isinstance(registry.get("hub"), dict) else {}
+    return {
+        "path": str(path),
+        "status": status,
+        "step": info.get("step"),
+        "epoch": info.get("epoch"),
+        "created_at": info.get("created_at"),
+        "metrics": info.get("metrics") or {},
+        "model": info.get("model") or {},
+        "stored_parameters": sum(dtypes.values()),
+        "parameters_by_dtype": dtypes,
+        "files": {rel: entry.get("size") for rel, entry in sorted(info["manifest"].items())},
+        "hub": {"repo_id": hub.get("repo_id"), **((hub.get("steps") or {}).get(str(info.get("step"))) or {"status": "not published"})},
+    }
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.ckpt)
+    if not (path / TRAINING_INFO).is_file():
+        print(f"error: {path} is not a committed checkpoint (no {TRAINING_INFO})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    report = inspect_checkpoint(path)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        model = report["model"]
+        hub = report["hub"]
+        print(f"checkpoint  {report['path']}")
+        print(f"status      {report['status']}")
+        print(f"step        {report['step']}  (epoch {report['epoch']}, saved {report['created_at']})")
+        print(f"metrics     {_format_metrics(report['metrics'])}")
+        print(f"model       {model.get('class')}, {model.get('num_parameters', 0):,} parameters, {model.get('dtype')}")
+        print(f"weights     {report['stored_parameters']:,} stored parameters: "
+              + (", ".join(f"{dtype} {count:,}" for dtype, count in sorted(report["parameters_by_dtype"].items())) or "-"))
+        print(f"hub         {hub['status']}" + (f" ({hub['repo_id']}@{hub.get('branch')})" if hub.get("repo_id") and hub.get("branch") else ""))
+        print(f"files       {len(report['files'])}, {_human_size(sum(report['files'].values()))}")
+        width = max((len(rel) for rel in report["files"]), default=0)
+        for rel, size in report["files"].items():
+            print(f"  {rel.ljust(width)}  {_human_size(size)}")
+    return EXIT_OK if report["status"].startswith("complete") else EXIT_CHECK_FAILED
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint, detect_format  # imports transformers: only for this command
+
+    out = convert_checkpoint(
+        args.src, args.out, trust_pickle=args.trust_pickle, weights_only=args.weights_only, base_model=args.base_model, step=args.step
+    )
+    print(f"converted {detect_format(args.src)} checkpoint {args.src} -> {out}")
+    return EXIT_OK
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub.publish import HubAuthError, HubPublishError, HubUnavailableError, publish_checkpoint  # only this command talks to the Hub
+
+    path = Path(args.ckpt)
+    if not (path / TRAINING_INFO).is_file():
+        print(f"error: {path} is not a committed checkpoint (no {TRAINING_INFO})", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        sha = publish_checkpoint(
+            path, args.repo_id, revision=args.revision, private=args.private, include_training_state=args.include_training_state
+        )
+    except CorruptCheckpointError as err:
+        print(f"FAILED {err.path}: {err.reason}; a damaged checkpoint is not pushed", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    except (HubAuthError, HubUnavailableError, HubPublishError) as err:
+        print(f"push failed: {err}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    print(f"pushed {path} -> {args.repo_id}@{args.revision} (commit {sha})")
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    out = plot_run(args.dir, args.out or Path(args.dir) / "metrics.png", metric=args.metric)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-rl-ckpt",
         description="Inspect, verify and manage hf_rl_ckpt checkpoints.",
-        epilog="Exit codes: 0 success, 1 a check failed, 2 bad usage or input.",
+        epilog=EXIT_CODES_HELP,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="table of the committed checkpoints of a run directory")
@@ -113,9 +241,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--verify", action="store_true", help="also re-hash every file (slower)")
     p.set_defaults(func=cmd_list)
+    p = sub.add_parser("plot", help="PNG of the ranking metric vs step with the retained top-k and published branches")
+    p.add_argument("dir", help="the checkpoint_dir of a run")
+    p.add_argument("--out", help="PNG path (default: DIR/metrics.png)")
+    p.add_argument("--metric", help="metric to plot (default: the run's metric_name)")
+    p.set_defaults(func=cmd_plot)
     p = sub.add_parser("verify", help="re-hash every file of a checkpoint against its manifest")
     p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser(
+        "export", help="copy a checkpoint's model folder out (or merge its LoRA adapter into the base), as a folder or one .tar file",
+        description="Export the deployable model of a checkpoint. OUT ending in .tar, .tar.gz or .tgz writes a single-file "
+        "bundle (config, weights, tokenizer, model card, file list) that `tar -xf` + `from_pretrained` and "
+        "`hf-rl-ckpt verify OUT` both read; any other OUT is a new folder.",
+    )
+    p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40")
+    p.add_argument("out", help="the folder to create, or the archive to create (model.tar, model.tar.gz)")
+    p.add_argument("--merge-lora", action="store_true", help="merge the adapter into its base model and write consolidated weights")
+    p.add_argument("--base", help="base model folder or cached Hub id to merge into (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--no-compress", action="store_true", help="write the .tar uncompressed (faster for large safetensors)")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("inspect", help="one checkpoint: files, sizes, dtypes, parameter count, metrics, Hub status")
+    p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser(
+        "convert", help="convert an HF Trainer, Accelerate or NeMo-RL checkpoint folder into an hf_rl_ckpt checkpoint",
+        description="Convert a foreign checkpoint folder (HF Trainer checkpoint-N, Accelerate save_state, NeMo-RL legacy "
+        "step_N) into a new hf_rl_ckpt checkpoint OUT. Pickled source files (.pt, .bin, .pkl, DCP) are read only with "
+        "--trust-pickle, and then only through weights-only loaders.",
+    )
+    p.add_argument("src", help="the folder to convert")
+    p.add_argument("out", help="the checkpoint directory to create")
+    p.add_argument("--trust-pickle", action="store_true", help="read the source's pickled files (torch.load(weights_only=True) only)")
+    p.add_argument("--weights-only", action="store_true", help="convert the model weights only (no optimizer, scheduler, RNG)")
+    p.add_argument("--base-model", help="folder with the model's config.json, for sources that do not store it (Accelerate)")
+    p.add_argument("--step", type=int, help="the step to record, for sources that do not say")
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser(
+        "push",
+        help="publish a checkpoint to the Hugging Face Hub (model folder + tokenizer + model card at the repo root)",
+        description="Publish a checkpoint to a Hub model repo, ready to serve: `from_pretrained(REPO, revision=BRANCH)` and "
+        "`vllm serve REPO --revision BRANCH` load it. The token comes from HF_TOKEN or `hf auth login` (never from the "
+        "command line, where it would land in shell history), the endpoint from HF_ENDPOINT.",
+    )
+    p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40")
+    p.add_argument("--repo-id", required=True, help="the model repo, e.g. your-name/my-run (created if missing)")
+    p.add_argument("--revision", default="main", help="the branch to push to, e.g. step-40 (created if missing; default: main)")
+    p.add_argument("--private", action="store_true", help="create the repo private when it does not exist yet")
+    p.add_argument("--include-training-state", action="store_true", help="also push optimizer, RNG, data position... under training_state/")
+    p.set_defaults(func=cmd_push)
+    for command in sub.choices.values():
+        command.epilog = EXIT_CODES_HELP
     return parser
 
 

@@ -46,6 +46,10 @@ class ResumeConfig:
             the data order afresh while optimizer and scheduler still resume.
         on_corrupt: what `auto` does when the newest checkpoint fails verification:
             `fallback` to the previous complete one with a warning, or `error`.
+        trust_pickle: allow reading pickled files, which our own format never needs: a
+            `model_save_format: torch_save` checkpoint, or a foreign `resume_path` (HF
+            Trainer, Accelerate, NeMo-RL folder) converted on the fly. Even then they are read
+            only with `torch.load(weights_only=True)`; see `hf_rl_ckpt.state.pickled`.
     """
 
     mode: ResumeMode = "auto"
@@ -53,6 +57,7 @@ class ResumeConfig:
     load_weight_only: bool = False
     resume_dataloader: bool = True
     on_corrupt: Literal["fallback", "error"] = "fallback"
+    trust_pickle: bool = False
 
 
 @dataclass
@@ -147,6 +152,20 @@ class CheckpointConfig:
             raise ConfigError(
                 f"checkpoint_manager_class must be a dotted path 'package.module.ClassName' (got {self.checkpoint_manager_class!r})."
             )
+        self._validate_hub()
+
+    def _validate_hub(self) -> None:
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("push_to_hub is true but hub_model_id is not set; set hub_model_id to the repo to publish to, e.g. 'your-name/my-run'.")
+        if self.hub_model_id is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError as err:
+                raise ConfigError(f"hub_model_id {self.hub_model_id!r} is not a Hub repo id ({err}); use 'namespace/name', e.g. 'your-name/my-run'.") from err
+        if self.hub_endpoint is not None and not re.match(r"https?://[^/\s]+", self.hub_endpoint):
+            raise ConfigError(f"hub_endpoint must be an http(s) URL such as 'https://huggingface.co' (got {self.hub_endpoint!r}); leave it unset for the default Hub.")
 
     # ------------------------------------------------------------------ loading
     @classmethod

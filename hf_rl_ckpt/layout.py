@@ -7,6 +7,7 @@ registry entry) is checked to stay inside its checkpoint before anything opens i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -77,6 +78,25 @@ class CheckpointLayout:
     def __init__(self, root: str | os.PathLike, name_template: str = "step_{step}") -> None:
         object.__setattr__(self, "root", Path(root))
         object.__setattr__(self, "name_template", name_template)
+
+    @classmethod
+    def of_run(cls, root: str | os.PathLike) -> "CheckpointLayout":
+        """The layout of an existing run directory, with the name template its registry records.
+
+        The template comes from disk, so one that could name a path outside `root` (a `/`,
+        no `{step}`) is ignored in favour of the default `step_{step}`.
+        """
+        template = "step_{step}"
+        registry = Path(root) / REGISTRY
+        if registry.is_file():
+            try:
+                data = json.loads(registry.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                data = None
+            recorded = data.get("name_template") if isinstance(data, dict) else None
+            if isinstance(recorded, str) and "{step}" in recorded and "/" not in recorded and "\\" not in recorded and recorded.count("{") == 1:
+                template = recorded
+        return cls(root, template)
 
     @property
     def registry_path(self) -> Path:

@@ -9,11 +9,13 @@ leaves either the old set of checkpoints or the old set plus one whole new check
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,28 +27,50 @@ import torch
 import yaml
 
 from . import distributed
-from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree
+from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree, write_bytes
 from .config import CheckpointConfig, parse_duration, parse_size, redact_secrets
-from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSaveError, CorruptCheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSaveError, CorruptCheckpointError, StateMismatchError
+from .faultpoint import faultpoint
+from .hub.card import Leaderboard, branch_for, card_rows, render_model_card
+from .hub.publish import HubPublisher
+from .lock import DirectoryLock, ReadOnlyCheckpointDirError
 from .layout import (
+    ADAPTER_DIR,
     CONFIG_YAML,
     CONSOLIDATED_DIR,
     FORMAT_VERSION,
+    MODEL_CARD,
     OPTIM_DIR,
     SCHEDULER_JSON,
+    SHARDED_DIR,
     TRAINING_INFO,
     CheckpointLayout,
     dataloader_file,
     rng_file,
+    safe_join,
 )
 from .registry import Registry, record_from_training_info
 from .retention import RetentionPolicy, metric_value
-from .state.dataloader import load_dataloader, save_dataloader
-from .state.model import load_consolidated, save_consolidated, unwrap_model
-from .state.optim import load_optimizer, save_optimizer
-from .state.rng import load_rng, save_rng
-from .state.scheduler import load_scheduler, save_scheduler
-from .verify import build_manifest, verify_checkpoint
+from .async_save import (
+    AsyncCheckpointWriter,
+    RankMarkers,
+    SavePart,
+    background_failure,
+    capture_dataloader,
+    capture_rng,
+    capture_scheduler,
+    hold_for_tests,
+)
+from .state.dataloader import load_dataloader
+from .state.model import deduplicated_state_dict, load_consolidated, save_consolidated, save_hf_metadata, save_weights, unwrap_model
+from .state.optim import capture_optimizer, load_optimizer, write_optimizer_dcp, write_optimizer_tensors
+from .state.peft import is_peft_model, load_adapter, save_adapter
+from .state.rng import load_rng
+from .state.safetensors_io import tensors_from_buffer, write_safetensors
+from .state.scheduler import load_scheduler
+from .state.sharded import is_sharded, load_sharded, save_sharded
+from .verify import available_memory, build_manifest, read_training_info, read_verified, verify_checkpoint
+from .weight_sync import publish
 
 logger = logging.getLogger("hf_rl_ckpt")
 
@@ -102,6 +126,20 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def model_dir_for(model: torch.nn.Module) -> str:
+    """Where a checkpoint keeps `model`'s weights: the adapter alone for a PeftModel, else the consolidated model."""
+    return ADAPTER_DIR if is_peft_model(unwrap_model(model)) else CONSOLIDATED_DIR
+
+
+def _prefixed(folder: str, digests: Mapping[str, tuple[int, str]]) -> dict[str, tuple[int, str]]:
+    return {f"{folder}/{name}": digest for name, digest in digests.items()}
+
+
+def _nothing() -> dict[str, tuple[int, str]]:
+    """The write of a part this rank has nothing to write for."""
+    return {}
+
+
 class BaseCheckpointManager:
     """Policies shared by every manager: when to save, what to keep, where checkpoints are.
 
@@ -118,6 +156,7 @@ class BaseCheckpointManager:
             parse_duration(config.checkpoint_must_save_by, "checkpoint_must_save_by") if config.checkpoint_must_save_by else None
         )
         self._deadline_saved = False
+        self._warned_unranked = False
 
     # ------------------------------------------------------------- policies
     def should_save(self, step: int) -> bool:
@@ -162,11 +201,15 @@ class BaseCheckpointManager:
         return self.latest()
 
     def consolidated_path(self, step: int | None = None) -> Path:
-        """The HF-format folder of a checkpoint (the newest when `step` is None): hand this to vLLM/SGLang."""
+        """The deployable folder of a checkpoint (the newest when `step` is None): hand this to vLLM/SGLang.
+
+        For a PEFT run that is the adapter folder (`model/adapter`, served with the base model
+        named in its adapter_config.json); otherwise the consolidated HF folder.
+        """
         path = self.layout.step_dir(step) if step is not None else self.latest()
         if path is None or not (path / TRAINING_INFO).is_file():
             raise CheckpointNotFoundError(f"no committed checkpoint {'for step ' + str(step) if step is not None else ''} in {self.layout.root}")
-        return path / CONSOLIDATED_DIR
+        return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path / CONSOLIDATED_DIR
 
     def _metric_values(self, rows: list[dict[str, Any]]) -> dict[int, float | None]:
         return {row["step"]: metric_value(row.get("metrics"), self.config.metric_name, row["step"]) for row in rows}
@@ -192,12 +235,19 @@ class BaseCheckpointManager:
                 os.rename(self.layout.step_dir(step), target)
                 trash.append(target)
             fsync_dir(self.layout.root)
+            faultpoint("retention.after_trash")
         ranking = self.policy.top_k(values)
         data["checkpoints"] = [row for row in rows if row["step"] in retained]
         for row in data["checkpoints"]:
             row["top_k_rank"] = ranking.index(row["step"]) + 1 if row["step"] in ranking else None
-        data.update(metric_name=self.config.metric_name, higher_is_better=self.config.higher_is_better, keep_top_k=self.config.keep_top_k)
+        data.update(
+            metric_name=self.config.metric_name,
+            higher_is_better=self.config.higher_is_better,
+            keep_top_k=self.config.keep_top_k,
+            name_template=self.config.checkpoint_name_template,
+        )
         self.registry.write(data)
+        faultpoint("retention.before_delete")
         for target in trash:
             shutil.rmtree(target)
         return evicted
@@ -229,13 +279,31 @@ class CheckpointManager(BaseCheckpointManager):
         super().__init__(config)
         self.training_config = dict(training_config or {})
         self._max_shard_size = parse_size(config.max_shard_size)
+        self._registry_lock = threading.Lock()  # checkpoints.json is rewritten by commits and by the Hub publisher's thread
+        self._publisher: HubPublisher | None = None
+        self._lock = DirectoryLock(self.layout.root)
+        self._async = AsyncCheckpointWriter()  # async_save: the staging buffer and the background write + commit
+        self.read_only = False
         if config.enabled and distributed.rank() == 0:
             self.layout.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self._lock.acquire()  # before _recover: it deletes what another live writer may be staging
+            except ReadOnlyCheckpointDirError as err:
+                self.read_only = True
+                logger.warning("%s: resuming works, saving will fail", err)
             self._recover()
+            if config.push_to_hub and not self.read_only:  # publishing records its progress in checkpoints.json
+                self._publisher = HubPublisher(config, self.registry, self._registry_lock)
+                self._publisher.enqueue()  # finish what an earlier process left pending
         distributed.barrier()
 
     def _recover(self) -> None:
-        """Finish or undo what an interrupted process left behind, and re-index."""
+        """Finish or undo what an interrupted process left behind, and re-index (only report it in a read-only dir)."""
+        if self.read_only:
+            leftovers = [p for d in (self.layout.incomplete_root, self.layout.trash_root) if d.is_dir() for p in sorted(d.iterdir())]
+            if leftovers:
+                logger.warning("cannot clean up after an interrupted process in read-only %s: %s", self.layout.root, ", ".join(map(str, leftovers)))
+            return
         if self.layout.incomplete_root.is_dir():
             for leftover in sorted(self.layout.incomplete_root.iterdir()):
                 logger.warning("removing %s: an interrupted save left it incomplete (never committed)", leftover)
@@ -264,6 +332,7 @@ class CheckpointManager(BaseCheckpointManager):
         tokenizer: Any | None = None,
         epoch: float | None = None,
         extra_state: Mapping[str, Any] | None = None,
+        extra_files: Mapping[str, bytes] | None = None,
     ) -> Path | None:
         """Write one checkpoint for `step` and commit it atomically; apply top-k retention.
 
@@ -276,63 +345,293 @@ class CheckpointManager(BaseCheckpointManager):
             tokenizer: saved into the consolidated folder so it is deployable as is.
             epoch: recorded in `training_info.json`.
             extra_state: any JSON-able dict (e.g. your loop counters), returned by `resume` as `.extra`.
+            extra_files: small files to store at the checkpoint root, by name (e.g. the Trainer's
+                `trainer_state.json`); listed in the manifest like every other file.
 
         Returns:
-            The committed checkpoint directory (None when checkpointing is disabled).
+            The committed checkpoint directory (None when checkpointing is disabled). With
+            `async_save`, the directory it will have once the background commit is done:
+            `save` returns as soon as the state is staged in host memory; the next `save`
+            (only if that one is still running) and `finalize()` wait for it.
 
         Raises:
             CheckpointSaveError: a write failed on some rank; nothing was committed and
-                earlier checkpoints are intact.
+                earlier checkpoints are intact. With `async_save`, a background failure is
+                raised by the next `save` (or `finalize`), on every rank.
         """
         if not self.config.enabled:
             return None
+        self._drain_async_save()
         started = time.perf_counter()
         metrics = dict(metrics or {})
         metric_value(metrics, self.config.metric_name, step)  # reject NaN before writing anything
         if self.config.metric_name and self.config.keep_top_k and metric_value(metrics, self.config.metric_name, step) is None:
-            logger.warning(
+            # Periodic saves between evaluations routinely lack an eval metric: say it once per run, not every save.
+            log = logger.debug if self._warned_unranked else logger.warning
+            self._warned_unranked = True
+            log(
                 "metric '%s' is not among this save's metrics (%s) at step %d; the checkpoint cannot rank in top-%d "
                 "and is kept only while it is the newest", self.config.metric_name, ", ".join(metrics) or "none", step, self.config.keep_top_k,
             )
         staging = self.layout.incomplete_dir(step)
+        error = None
         if distributed.rank() == 0:
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
-        distributed.barrier()
-        digests, error = {}, None
+            try:
+                self._prepare_staging(staging)
+            except (OSError, CheckpointError) as err:  # read-only dir, lock taken by another process, disk full: reported below
+                error = err
+        self._raise_if_any_rank_failed(step, staging, error)
+        faultpoint("save.staged")
+        parts: list[SavePart] = []
+        error = None
         try:
-            digests = self._write_state(staging, model, optimizer, scheduler, dataloader, tokenizer)
-        except Exception as err:  # reported to every rank below, then re-raised with the rank named
+            parts = self._state_parts(staging, step, metrics, model, optimizer, scheduler, dataloader, tokenizer, extra_files or {})
+        except Exception as err:  # e.g. a dataloader without state_dict(): reported to every rank below
             error = err
         self._raise_if_any_rank_failed(step, staging, error)
+        in_background = self.config.async_save
+        digests: dict[str, tuple[int, str]] = {}
+        for save_part in parts:
+            if in_background and save_part.background:
+                continue
+            part, error = {}, None
+            try:
+                part = save_part.run()
+            except Exception as err:  # reported to every rank below, then re-raised with the rank named
+                error = err
+            self._raise_if_any_rank_failed(step, staging, error)
+            digests.update(part)
+            faultpoint("save.part_written")
+        if in_background:
+            staged = [save_part for save_part in parts if save_part.background]
+            return self._save_in_background(step, staging, staged, digests, metrics, epoch, extra_state, model, started)
         all_digests: dict[str, tuple[int, str]] = {}
         for rank_digests in distributed.all_gather_object(digests):
             all_digests.update(rank_digests)
+        error = None
         if distributed.rank() == 0:
-            self._commit(step, staging, all_digests, metrics, epoch, extra_state, model, started)
-        distributed.barrier()
+            try:
+                self._commit(step, staging, all_digests, metrics, epoch, extra_state, model, started)
+            except OSError as err:  # sealing failed before the rename (disk full, I/O error): nothing was committed
+                error = err
+        self._raise_if_any_rank_failed(step, staging, error)
         return self.layout.step_dir(step)
 
-    def _write_state(self, staging: Path, model, optimizer, scheduler, dataloader, tokenizer) -> dict[str, tuple[int, str]]:
-        """Write every component of the checkpoint into `staging`; return digests computed while writing."""
+    def _prepare_staging(self, staging: Path) -> None:
+        """Rank 0: an empty `.incomplete/<name>/`, after checking this process may write the directory."""
+        if self.read_only:
+            raise ReadOnlyCheckpointDirError(f"{self.layout.root} is read-only (found at start); earlier checkpoints are untouched")
+        self._lock.acquire()  # a no-op while held; takes it again after finalize() released it
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+
+    def _state_parts(
+        self, staging: Path, step: int, metrics: Mapping[str, Any], model, optimizer, scheduler, dataloader, tokenizer, extra_files
+    ) -> list[SavePart]:
+        """The parts of a checkpoint in write order, each holding what it will write as of this call.
+
+        Building them captures the state: small state as bytes, tensors by reference (an
+        async save copies them into its staging buffer before the training loop resumes, a
+        synchronous one writes them from where they are, holding no second copy). Each part
+        writes into `staging` and returns digests computed while writing. Parts may run
+        collectives (DCP) and every rank runs them in the same order; `save` checks for a
+        failure on any rank after each part, so a rank that failed never leaves the others
+        waiting in a collective it will not join.
+        """
+        return [
+            self._model_part(staging, model, tokenizer, extra_files),
+            self._optimizer_part(staging, model, optimizer),
+            self._rank_state_part(staging, scheduler, dataloader),
+            SavePart("model card", lambda: self._write_card_part(staging, step, metrics)),
+        ]
+
+    def _model_part(self, staging: Path, model, tokenizer, extra_files) -> SavePart:
+        """The weights: per-rank shards (every rank) + consolidated folder for a sharded model, else rank 0's folder."""
+        inner = unwrap_model(model)
+        rank0 = distributed.rank() == 0
+
+        def write_extra_files() -> dict[str, tuple[int, str]]:
+            return {name: write_bytes(safe_join(staging, name), data) for name, data in extra_files.items()} if rank0 else {}
+
+        if is_sharded(inner) and not is_peft_model(inner):
+
+            def write_sharded() -> dict[str, tuple[int, str]]:
+                consolidated = staging / CONSOLIDATED_DIR if self.config.save_consolidated else None
+                save_sharded(inner, staging / SHARDED_DIR, consolidated, max_shard_size=self._max_shard_size, tokenizer=tokenizer)
+                return write_extra_files()
+
+            return SavePart("model", write_sharded, background=False)  # DCP collectives
+        if not rank0:
+            return SavePart("model", _nothing)
+        if is_peft_model(inner):  # save_adapter reads the live adapter: written in the training thread (adapters are small)
+            return SavePart("model", lambda: {**_prefixed(ADAPTER_DIR, save_adapter(inner, staging / ADAPTER_DIR, tokenizer=tokenizer)), **write_extra_files()}, background=False)
+        out = staging / CONSOLIDATED_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        save_hf_metadata(inner, out, tokenizer)  # small, and now: a tokenizer must not be saved from another thread
+
+        def write_weights(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, str]]:
+            weights = save_weights(state, out, self._max_shard_size, self.config.model_save_format)
+            return {**_prefixed(CONSOLIDATED_DIR, weights), **write_extra_files()}
+
+        return SavePart("model", write_weights, tensors=deduplicated_state_dict(inner))
+
+    def _optimizer_part(self, staging: Path, model, optimizer) -> SavePart:
+        """The optimizer state: streamed by rank 0 when unsharded (single process, DDP replicas), else DCP on every rank."""
+        if optimizer is None or not self.config.save_optimizer:
+            return SavePart("optimizer", _nothing)
+        inner = unwrap_model(model)
+        snapshot = capture_optimizer(inner, optimizer)
+        out = staging / OPTIM_DIR
+        if snapshot.plain and not is_sharded(inner):  # every rank holds the whole (replicated) state, like the model itself
+            if distributed.rank() != 0:
+                return SavePart("optimizer", _nothing)
+            return SavePart(
+                "optimizer", lambda tensors: _prefixed(OPTIM_DIR, write_optimizer_tensors(tensors, snapshot.rest, out)), tensors=snapshot.tensors
+            )
+        return SavePart("optimizer", lambda: _prefixed(OPTIM_DIR, write_optimizer_dcp(snapshot, out)), background=False)  # collective
+
+    def _rank_state_part(self, staging: Path, scheduler, dataloader) -> SavePart:
+        """Small per-rank files (dataloader position, RNG) and rank 0's scheduler and config; no collectives.
+
+        Captured now as bytes (and the RNG streams as fresh tensors), written by the part.
+        """
         rank = distributed.rank()
-        digests: dict[str, tuple[int, str]] = {}
-        if rank == 0:
-            for name, digest in save_consolidated(model, staging / CONSOLIDATED_DIR, max_shard_size=self._max_shard_size, tokenizer=tokenizer).items():
-                digests[f"{CONSOLIDATED_DIR}/{name}"] = digest
-        if optimizer is not None and self.config.save_optimizer:
-            save_optimizer(unwrap_model(model), optimizer, staging / OPTIM_DIR)
+        files: dict[str, bytes] = {}
         if scheduler is not None and rank == 0:
-            digests[SCHEDULER_JSON] = save_scheduler(scheduler, staging / SCHEDULER_JSON)
+            files[SCHEDULER_JSON] = capture_scheduler(scheduler)
         if dataloader is not None:
-            digests[dataloader_file(rank)] = save_dataloader(dataloader, staging / dataloader_file(rank))
-        (staging / "rng").mkdir(exist_ok=True)
-        digests[rng_file(rank)] = save_rng(staging / rng_file(rank))
+            files[dataloader_file(rank)] = capture_dataloader(dataloader)
         if rank == 0:
             document = {"checkpoint": self.config.to_dict(redact=True), "training": redact_secrets(self.training_config)}
-            digests[CONFIG_YAML] = atomic_write_bytes(staging / CONFIG_YAML, yaml.safe_dump(document, sort_keys=False).encode())
-        return digests
+            files[CONFIG_YAML] = yaml.safe_dump(document, sort_keys=False).encode()
+        rng_tensors, rng_metadata = capture_rng()
+
+        def write() -> dict[str, tuple[int, str]]:
+            digests: dict[str, tuple[int, str]] = {}
+            for name, data in files.items():
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                digests[name] = write_bytes(target, data)  # no per-file fsync: the commit fsyncs the staging tree
+            (staging / "rng").mkdir(exist_ok=True)
+            digests[rng_file(rank)] = write_safetensors(staging / rng_file(rank), rng_tensors, rng_metadata)
+            return digests
+
+        return SavePart("rank state", write)
+
+    def _save_in_background(
+        self, step: int, staging: Path, parts: list[SavePart], digests, metrics, epoch, extra_state, model, started: float
+    ) -> Path:
+        """`async_save`, training thread: copy the parts' tensors into the staging buffer, then hand write + commit to the thread."""
+        markers = RankMarkers(staging)
+        error = None
+        try:
+            if distributed.rank() == 0:
+                markers.reset()
+            self._async.buffer.stage(parts)
+        except Exception as err:  # reported to every rank below, then re-raised with the rank named
+            error = err
+        self._raise_if_any_rank_failed(step, staging, error)
+        self._async.submit(step, lambda: self._write_and_commit(step, staging, parts, digests, markers, metrics, epoch, extra_state, model, started))
+        logger.info("async save of step %d staged in %.3fs (%.1f MB buffered); writing and committing in the background",
+                    step, time.perf_counter() - started, self._async.buffer.nbytes() / 1e6)
+        return self.layout.step_dir(step)
+
+    def _write_and_commit(self, step, staging, parts, digests, markers: RankMarkers, metrics, epoch, extra_state, model, started) -> None:
+        """`async_save`, background thread: write the staged parts; rank 0 commits once every rank reported. No collectives."""
+        rank, world = distributed.rank(), distributed.world_size()
+        error = None
+        try:
+            for save_part in parts:
+                digests.update(save_part.run())
+                faultpoint("save.part_written")
+                hold_for_tests()
+        except Exception as err:
+            error = err
+        if world > 1:
+            markers.report(rank, digests, error)
+        if rank != 0:
+            if error is not None:
+                raise error
+            return
+        try:
+            all_digests = digests
+            if world > 1:  # wait for every rank, even after a failure here, so nothing is written after the clean-up
+                try:
+                    all_digests = markers.collect(world, staging)
+                except CheckpointSaveError:
+                    if error is None:
+                        raise
+            if error is not None:
+                raise error
+            self._commit(step, staging, all_digests, metrics, epoch, extra_state, model, started)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            markers.reset()
+
+    def _drain_async_save(self) -> None:
+        """Wait for the async save in flight, if any; if it failed on any rank, raise on every rank.
+
+        Runs in the training thread (the only place collectives run), at the start of every
+        `save` and in `finalize`, so a background failure is never silent.
+        """
+        if not self.config.async_save:
+            return
+        failure = self._async.wait()
+        reports = distributed.all_gather_object(None if failure is None else (failure[0], f"{type(failure[1]).__name__}: {failure[1]}"))
+        failed = {rank: report for rank, report in enumerate(reports) if report is not None}
+        if not failed:
+            return
+        if failure is not None:
+            raise background_failure(failure[0], failure[1], self.latest())
+        step = next(iter(failed.values()))[0]
+        detail = "; ".join(f"rank {rank}: {report[1]}" for rank, report in failed.items())
+        raise CheckpointSaveError(f"the background (async) save of step {step} failed ({detail}); nothing was committed")
+
+    def _write_card_part(self, staging: Path, step: int, metrics: Mapping[str, Any]) -> dict[str, tuple[int, str]]:
+        """README.md (rank 0): the model card as of this save, so it is in the manifest.
+
+        Its leaderboard is the one this commit produces. A committed checkpoint is never
+        rewritten, so the local card stays as of the save; the Hub publisher re-renders the
+        card with the current leaderboard on every push.
+        """
+        if distributed.rank() != 0:
+            return {}
+        board = Leaderboard.from_rows(card_rows(self.registry.records(), step, metrics), self.policy)
+        publishing = self.config.push_to_hub
+        card = render_model_card(
+            staging, step=step, metrics=metrics, leaderboard=board, local_path=self.layout.step_dir(step),
+            repo_id=self.config.hub_model_id if publishing else None, revision=branch_for(step) if publishing else None,
+        )
+        return {MODEL_CARD: atomic_write_bytes(staging / MODEL_CARD, str(card).encode())}
+
+    def _write_model(self, model: torch.nn.Module, out_dir: Path, tokenizer: Any | None) -> dict[str, tuple[int, str]]:
+        """The deployable weights folder of `model` (see `model_dir_for`); digests by file name."""
+        inner = unwrap_model(model)
+        if is_peft_model(inner):
+            return save_adapter(inner, out_dir, tokenizer=tokenizer)
+        return save_consolidated(
+            inner, out_dir, max_shard_size=self._max_shard_size, tokenizer=tokenizer, weights_format=self.config.model_save_format
+        )
+
+    def sync_weights(self, step: int, *, model: torch.nn.Module, tokenizer: Any | None = None) -> Path | None:
+        """Publish the weights to `sync_weight_path` for an inference engine, every `sync_weight_period` steps.
+
+        Only the deployable folder is written (consolidated weights, or the adapter of a
+        PeftModel), to a fresh version folder that is swapped in atomically: see
+        `hf_rl_ckpt.weight_sync` for what readers can rely on. Returns the published folder
+        on rank 0 on a sync step, else None.
+        """
+        if not self.config.enabled or not self.config.sync_weight_path or step % self.config.sync_weight_period:
+            return None
+        published = None
+        if distributed.rank() == 0:
+            published = publish(self.config.sync_weight_path, self.layout.step_name(step), lambda out: self._write_model(model, out, tokenizer))
+            logger.info("published weights of step %d to %s -> %s", step, self.config.sync_weight_path, published)
+        distributed.barrier()
+        return published
 
     def _raise_if_any_rank_failed(self, step: int, staging: Path, error: Exception | None) -> None:
         reports = distributed.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
@@ -345,12 +644,36 @@ class CheckpointManager(BaseCheckpointManager):
         previous = self.latest()
         detail = "; ".join(f"rank {rank}: {report}" for rank, report in failed.items())
         raise CheckpointSaveError(
-            f"saving step {step} failed ({detail}); nothing was committed"
+            f"saving step {step} failed ({detail}); nothing was committed to {self.layout.root}"
             + (f", the previous checkpoint {previous} is intact" if previous else "")
         ) from error
 
+    def stage(self, step: int) -> Path:
+        """An empty `.incomplete/<name>/` for a framework that writes a checkpoint's files itself; commit it with `commit_staged`."""
+        staging = self.layout.incomplete_dir(step)
+        self._prepare_staging(staging)
+        return staging
+
+    def commit_staged(self, step: int, *, metrics: Mapping[str, Any] | None = None, extra_state: Mapping[str, Any] | None = None) -> Path:
+        """Commit what a framework wrote into `stage(step)` as it is: manifest, seal, rename into place, retention.
+
+        Single-process API (the NeMo-RL driver's `init_tmp_checkpoint`/`finalize_checkpoint`,
+        see `hf_rl_ckpt.compat.nemo_rl`); every file written there is listed in the manifest.
+        """
+        staging = self.layout.incomplete_dir(step)
+        if not staging.is_dir():
+            raise CheckpointError(f"nothing staged for step {step} at {staging}; call stage({step}) first")
+        metrics = dict(metrics or {})
+        metric_value(metrics, self.config.metric_name, step)  # reject NaN before sealing anything
+        try:
+            self._commit(step, staging, {}, metrics, None, extra_state, None, time.perf_counter())
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointSaveError(f"committing step {step} failed ({err}); nothing was committed to {self.layout.root}") from err
+        return self.layout.step_dir(step)
+
     def _commit(self, step, staging, digests, metrics, epoch, extra_state, model, started) -> None:
-        inner = unwrap_model(model)
+        inner = unwrap_model(model) if model is not None else None
         info = {
             "format_version": FORMAT_VERSION,
             "step": step,
@@ -364,13 +687,15 @@ class CheckpointManager(BaseCheckpointManager):
                 "class": type(inner).__name__,
                 "num_parameters": sum(p.numel() for p in inner.parameters()),
                 "dtype": str(next(inner.parameters()).dtype).removeprefix("torch.") if any(True for _ in inner.parameters()) else None,
-            },
+            } if inner is not None else None,
             "extra": dict(extra_state or {}),
             "manifest": build_manifest(staging, digests),
         }
         info["save_seconds"] = round(time.perf_counter() - started, 3)
         atomic_write_json(staging / TRAINING_INFO, info)
+        faultpoint("commit.before_fsync")
         fsync_tree(staging)
+        faultpoint("commit.before_rename")
         final = self.layout.step_dir(step)
         if final.exists():
             self._replace(final, staging)
@@ -378,10 +703,23 @@ class CheckpointManager(BaseCheckpointManager):
             os.rename(staging, final)
         fsync_dir(self.layout.root)
         fsync_dir(self.layout.incomplete_root)
-        data = self.registry.read()
-        data["checkpoints"] = [row for row in data["checkpoints"] if row.get("step") != step]
-        data["checkpoints"].append(record_from_training_info(step, final.name, info))
-        evicted = self.apply_retention(data)
+        faultpoint("commit.after_rename")
+        try:
+            with self._registry_lock:
+                data = self.registry.read()
+                data["checkpoints"] = [row for row in data["checkpoints"] if row.get("step") != step]
+                data["checkpoints"].append(record_from_training_info(step, final.name, info))
+                data.setdefault("history", []).append({"step": step, "metrics": info["metrics"]})
+                evicted = self.apply_retention(data)
+        except OSError as err:  # the checkpoint is whole and in place; only its index lags, and `_recover` rebuilds that
+            logger.error(
+                "checkpoint step %d is committed at %s, but updating %s failed (%s); the index and top-k retention "
+                "catch up at the next start", step, final, self.layout.registry_path, err,
+            )
+            return
+        faultpoint("commit.before_hub_enqueue")
+        if self._publisher is not None:
+            self._publisher.enqueue()  # local bookkeeping only; the upload runs in the publisher's thread
         logger.info(
             "saved checkpoint step %d -> %s (%.1f MB) in %.2fs%s",
             step, final, sum(entry["size"] for entry in info["manifest"].values()) / 1e6, time.perf_counter() - started,
@@ -420,13 +758,7 @@ class CheckpointManager(BaseCheckpointManager):
             return None
         objects = dict(model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader)
         if mode == "from_path":
-            path = Path(self.config.resume.resume_path or "")
-            if not (path / TRAINING_INFO).is_file():
-                raise CheckpointNotFoundError(
-                    f"resume.resume_path {path} is not a committed checkpoint (no {TRAINING_INFO}); "
-                    f"pick one of `hf-rl-ckpt list {self.layout.root}` or set resume.mode: auto"
-                )
-            return self.load(path, **objects)
+            return self._load_from_path(Path(self.config.resume.resume_path or ""), objects)
         candidates = sorted(self.layout.committed_steps().items(), reverse=True)
         if not candidates:
             logger.info("resume.mode=auto: no checkpoint in %s, starting fresh", self.layout.root)
@@ -442,6 +774,42 @@ class CheckpointManager(BaseCheckpointManager):
                 logger.warning("checkpoint %s is unusable (%s); falling back to the previous complete checkpoint", path, err)
         raise CorruptCheckpointError(self.layout.root, "no loadable checkpoint: " + " | ".join(failures))
 
+    def _load_from_path(self, path: Path, objects: dict[str, Any]) -> ResumeState:
+        """`resume.mode: from_path`: our checkpoint, or another framework's folder converted on the fly.
+
+        `hf_rl_ckpt.convert` recognises HF Trainer, Accelerate and NeMo-RL folders; such a
+        folder is converted under `.incomplete/`, loaded, and the copy deleted (a crash
+        mid-way leaves only `.incomplete/` content, which the next start removes). Their
+        pickled files are read only with `resume.trust_pickle` (weights-only loaders).
+        """
+        from .convert import convert_checkpoint, detect_format  # convert builds checkpoints through this module
+
+        if detect_format(path) is None:
+            if not (path / TRAINING_INFO).is_file():
+                raise CheckpointNotFoundError(
+                    f"resume.resume_path {path} is neither a committed checkpoint (no {TRAINING_INFO}) nor a folder "
+                    f"`hf-rl-ckpt convert` recognises; pick one of `hf-rl-ckpt list {self.layout.root}` or set resume.mode: auto"
+                )
+            return self.load(path, **objects)
+        converted = self.layout.incomplete_root / f"converted-{path.name}"
+        error = None
+        if distributed.rank() == 0:
+            try:
+                convert_checkpoint(
+                    path, converted, trust_pickle=self.config.resume.trust_pickle, weights_only=self.config.resume.load_weight_only
+                )
+            except CheckpointError as err:
+                error = err
+        failure = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+        if failure is not None:
+            raise error if error is not None else CheckpointError(failure)
+        try:
+            return dataclasses.replace(self.load(converted, **objects), path=path)
+        finally:
+            distributed.barrier()
+            if distributed.rank() == 0:
+                shutil.rmtree(converted, ignore_errors=True)
+
     def load(
         self,
         path: str | os.PathLike,
@@ -455,27 +823,67 @@ class CheckpointManager(BaseCheckpointManager):
         """Load one checkpoint directory into the given objects.
 
         Verifies the manifest first (sizes always, sha256 when `verify_on_resume`), so a
-        damaged checkpoint is refused before anything is modified.
+        damaged checkpoint is refused before anything is modified. In a single process the
+        weight and optimizer tensor files are read once: into memory while their sha256 is
+        checked, then loaded from there (see `_verified_info`).
         """
         path = Path(path)
         started = time.perf_counter()
+        self._async.join()  # an async save in flight finishes first (its failure is still raised by the next save)
         weights_only = self.config.resume.load_weight_only if weights_only is None else weights_only
-        info = self._verified_info(path)
-        load_consolidated(model, path / CONSOLIDATED_DIR)
+        preloaded: dict[str, dict[str, torch.Tensor]] = {}
+        info = self._verified_info(path, model=model, optimizer=None if weights_only else optimizer, preloaded=preloaded)
+        self._load_model(path, model, preloaded)
         state = ResumeState(
             step=int(info["step"]), path=path, epoch=info.get("epoch"), metrics=info.get("metrics") or {},
             extra=info.get("extra") or {}, weights_only=weights_only,
         )
         if not weights_only:
-            self._load_training_state(path, info, model, optimizer, scheduler, dataloader)
+            self._load_training_state(path, info, model, optimizer, scheduler, dataloader, preloaded)
         logger.info("resumed from %s (step %d%s) in %.2fs", path, state.step, ", weights only" if weights_only else "", time.perf_counter() - started)
         return state
 
-    def _verified_info(self, path: Path) -> dict[str, Any]:
+    def _load_model(self, path: Path, model: torch.nn.Module, preloaded: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
+        expected = model_dir_for(model)
+        if expected == CONSOLIDATED_DIR and (path / SHARDED_DIR).is_dir() and (is_sharded(unwrap_model(model)) or not (path / CONSOLIDATED_DIR).is_dir()):
+            expected = SHARDED_DIR  # per-rank shards: DCP reads the slices this rank needs, whatever world size wrote them
+        if not (path / expected).is_dir():
+            held = next((d for d in (ADAPTER_DIR, CONSOLIDATED_DIR) if (path / d).is_dir()), None)
+            kind = "a PeftModel" if expected == ADAPTER_DIR else "a plain (non-PEFT) model"
+            raise StateMismatchError(
+                f"{path} has no {expected}/ to load into {kind}"
+                + (f"; it holds {held}/ (saved from a {'PEFT' if held == ADAPTER_DIR else 'non-PEFT'} model). "
+                   "Build the same kind of model as the run that saved it, or `hf-rl-ckpt export --merge-lora` "
+                   "an adapter into a plain model" if held else "")
+            )
+        if expected == ADAPTER_DIR:
+            load_adapter(unwrap_model(model), path / ADAPTER_DIR)
+        elif expected == SHARDED_DIR or is_sharded(unwrap_model(model)):
+            load_sharded(unwrap_model(model), path / expected)
+        else:
+            load_consolidated(model, path / CONSOLIDATED_DIR, trust_pickle=self.config.resume.trust_pickle, preloaded=preloaded)
+
+    def _verified_info(self, path: Path, *, model=None, optimizer=None, preloaded: dict | None = None) -> dict[str, Any]:
+        """Verify `path` against its manifest (rank 0) and return its training_info on every rank.
+
+        With `preloaded` (a dict to fill) in a single process with `verify_on_resume`, the
+        consolidated weight files of `model` and the optimizer tensor files (when `optimizer`
+        is given) are not hashed here and read again by the loaders: each is read once into
+        memory while hashed (`read_verified`), and the loaders take the tensors from there.
+        All of them are read and checked before anything is loaded, so a damaged checkpoint
+        still modifies nothing; the price is holding those files in memory meanwhile (about
+        what `torch.load` of an optimizer.pt costs), so above half the available memory this
+        falls back to hashing first and loading after (a second read, usually from the page cache).
+        """
         error, info = None, None
         if distributed.rank() == 0:
             try:
-                info = verify_checkpoint(path, checksums=self.config.verify_on_resume)
+                deferred = self._read_once_files(path, model, optimizer) if preloaded is not None else []
+                info = verify_checkpoint(path, checksums=self.config.verify_on_resume, deferred=deferred)
+                for name, data in read_verified(path, info["manifest"], deferred).items():
+                    tensors = tensors_from_buffer(name, data)
+                    if tensors is not None:
+                        preloaded[name] = tensors
             except CorruptCheckpointError as err:
                 error = (str(err.path), err.reason)
         error, info = distributed.broadcast_object((error, info))
@@ -483,7 +891,21 @@ class CheckpointManager(BaseCheckpointManager):
             raise CorruptCheckpointError(*error)
         return info
 
-    def _load_training_state(self, path: Path, info: dict[str, Any], model, optimizer, scheduler, dataloader) -> None:
+    def _read_once_files(self, path: Path, model, optimizer) -> list[str]:
+        """Manifest names `_verified_info` reads once for the loaders, or [] where hashing them up front is kept."""
+        if model is None or distributed.is_distributed() or not self.config.verify_on_resume:
+            return []
+        manifest = read_training_info(path)["manifest"]
+        folders = [OPTIM_DIR] if optimizer is not None else []
+        if model_dir_for(model) == CONSOLIDATED_DIR and not is_sharded(unwrap_model(model)):
+            folders.append(CONSOLIDATED_DIR)
+        names = [name for name in manifest if name.endswith(".safetensors") and any(name.startswith(f + "/") for f in folders)]
+        sizes = [manifest[name].get("size") for name in names]
+        if not all(isinstance(size, int) for size in sizes) or sum(sizes) > available_memory() // 2:
+            return []
+        return names
+
+    def _load_training_state(self, path: Path, info: dict[str, Any], model, optimizer, scheduler, dataloader, preloaded=None) -> None:
         manifest = info["manifest"]
         rank = distributed.rank()
         if optimizer is not None:
@@ -492,11 +914,14 @@ class CheckpointManager(BaseCheckpointManager):
                     f"{path} has no optimizer state (saved with save_optimizer: false); pass optimizer=None "
                     "or set resume.load_weight_only: true to start with a fresh optimizer"
                 )
-            load_optimizer(unwrap_model(model), optimizer, path / OPTIM_DIR)
+            load_optimizer(unwrap_model(model), optimizer, path / OPTIM_DIR, preloaded=preloaded)
         if scheduler is not None:
             load_scheduler(scheduler, path / SCHEDULER_JSON)
-        if dataloader is not None:
-            load_dataloader(dataloader, path / dataloader_file(rank))
+        if dataloader is not None and self.config.resume.resume_dataloader:
+            if dataloader_file(rank) in manifest:
+                load_dataloader(dataloader, path / dataloader_file(rank))
+            else:
+                logger.warning("%s has no data position for rank %d (saved without a dataloader, or converted); the data order starts afresh", path, rank)
         if rng_file(rank) in manifest:
             load_rng(path / rng_file(rank))
         else:
@@ -504,8 +929,25 @@ class CheckpointManager(BaseCheckpointManager):
 
     # ============================================================= lifecycle
     def finalize(self, terminate: bool = True) -> None:
-        """Finish background work before the process exits. The synchronous manager has none."""
-        distributed.barrier()
+        """Finish background work: wait for pending Hub pushes (rank 0, after the barrier, so other ranks are not held).
+
+        With `terminate`, the publisher's thread also ends (a later `save` starts it again) and
+        the checkpoint directory's lock is released (a later `save` takes it again). An async
+        save in flight is committed first; if it failed, its error is raised (on every rank)
+        after the rest of the clean-up.
+        """
+        try:
+            self._drain_async_save()
+        finally:
+            if terminate:
+                self._async.buffer.close()  # frees the staging buffer; a later async save allocates it again
+            distributed.barrier()
+            if self._publisher is not None:
+                self._publisher.drain()
+                if terminate:
+                    self._publisher.stop()
+            if terminate:
+                self._lock.release()
 
 
 def load_manager_class(dotted: str) -> type:

@@ -3,19 +3,23 @@
 `training_info.json` lists every file of a checkpoint with its size and sha256. Sizes are
 checked on every load (a stat per file, free), hashes on `verify` and on resume when
 `verify_on_resume` is set. Verification also refuses files the manifest does not list
-(a planted pickle must not ride along) and paths that escape the checkpoint.
+(a planted pickle must not ride along), paths that escape the checkpoint, and safetensors
+files whose header does not describe the file (checked even when the hashes match: whoever
+can rewrite a file can rewrite the manifest too).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
-from .atomic import sha256_file
+from .atomic import read_hashed, sha256_file
 from .errors import CorruptCheckpointError
 from .layout import FORMAT_VERSION, TRAINING_INFO, safe_join
+from .state.safetensors_io import check_safetensors_header
 
 Manifest = dict[str, dict[str, Any]]
 
@@ -71,12 +75,29 @@ def read_training_info(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def verify_checkpoint(ckpt_dir: str | os.PathLike, *, checksums: bool = True) -> dict[str, Any]:
+def _hash_files(ckpt_dir: Path, manifest: Manifest, skip: Collection[str]) -> dict[str, str]:
+    """sha256 of the manifest's files that exist with the listed size, hashed in parallel (one per core, biggest first)."""
+    todo = []
+    for rel, entry in manifest.items():
+        path = safe_join(ckpt_dir, rel)
+        if rel not in skip and isinstance(entry, dict) and path.is_file() and not path.is_symlink() and path.stat().st_size == entry.get("size"):
+            todo.append((entry["size"], rel, path))
+    if not todo:
+        return {}
+    todo.sort(key=lambda item: -item[0])
+    with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1), thread_name_prefix="hf_rl_ckpt-verify") as pool:
+        futures = {rel: pool.submit(sha256_file, path) for _size, rel, path in todo}
+        return {rel: future.result() for rel, future in futures.items()}
+
+
+def verify_checkpoint(ckpt_dir: str | os.PathLike, *, checksums: bool = True, deferred: Collection[str] = ()) -> dict[str, Any]:
     """Check a checkpoint against its manifest; return its training_info.
 
     Raises `CorruptCheckpointError` naming the first bad file, with every problem found
     in the message: a file missing, of the wrong size, with the wrong sha256 (when
     `checksums`), not listed in the manifest, or a path escaping the checkpoint.
+    `deferred` names files whose sha256 the caller checks itself while reading them for
+    loading (`read_verified`), so that resuming reads each byte once.
 
     ```python
     >>> verify_checkpoint("runs/ckpt/step_40")        # doctest: +SKIP
@@ -86,6 +107,7 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, *, checksums: bool = True) ->
     info = read_training_info(ckpt_dir)
     manifest: Manifest = info["manifest"]
     problems: list[tuple[Path, str]] = []
+    digests = _hash_files(ckpt_dir, manifest, deferred) if checksums else {}
     for rel, entry in manifest.items():
         path = safe_join(ckpt_dir, rel)
         if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
@@ -96,8 +118,13 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, *, checksums: bool = True) ->
             problems.append((path, "missing"))
         elif (size := path.stat().st_size) != entry["size"]:
             problems.append((path, f"size {size} bytes, manifest says {entry['size']} (truncated or modified)"))
-        elif checksums and sha256_file(path) != entry.get("sha256"):
+        elif checksums and rel not in deferred and digests.get(rel, "") != entry.get("sha256"):
             problems.append((path, "sha256 does not match the manifest (the file was modified or bit-flipped)"))
+        elif path.suffix == ".safetensors":
+            try:
+                check_safetensors_header(path)
+            except CorruptCheckpointError as err:
+                problems.append((path, err.reason))
     for rel in list_files(ckpt_dir):
         if rel not in manifest:
             problems.append((ckpt_dir / rel, "not listed in the manifest; remove it (it was not written by hf_rl_ckpt)"))
@@ -105,3 +132,44 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, *, checksums: bool = True) ->
         detail = "; ".join(f"{p}: {why}" for p, why in problems)
         raise CorruptCheckpointError(problems[0][0], problems[0][1] + (f" (all problems: {detail})" if len(problems) > 1 else ""))
     return info
+
+
+def read_verified(ckpt_dir: str | os.PathLike, manifest: Manifest, relpaths: Collection[str]) -> dict[str, memoryview]:
+    """Read the files `relpaths` of a checkpoint into memory, checking each one's sha256 while reading it.
+
+    Returns their bytes by absolute path. Every file is read and checked before this
+    returns, so a caller that loads only afterwards still modifies nothing when any file is
+    damaged: each byte is read once, at the price of holding these files in memory until
+    they are loaded. Files are read and hashed in parallel, one per CPU core, biggest first.
+    Raises `CorruptCheckpointError` for a file whose bytes do not match.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    ordered = sorted(relpaths, key=lambda rel: -int(manifest[rel].get("size") or 0))
+
+    def read(rel: str) -> memoryview:
+        path = safe_join(ckpt_dir, rel)
+        data, digest = read_hashed(path)
+        if digest != manifest[rel].get("sha256") or len(data) != manifest[rel].get("size"):
+            raise CorruptCheckpointError(path, "sha256 does not match the manifest (the file was modified or bit-flipped)")
+        return data
+
+    if not ordered:
+        return {}
+    with ThreadPoolExecutor(min(len(ordered), os.cpu_count() or 1), thread_name_prefix="hf_rl_ckpt-verify") as pool:
+        futures = {rel: pool.submit(read, rel) for rel in ordered}
+        return {str(safe_join(ckpt_dir, rel)): future.result() for rel, future in futures.items()}
+
+
+def available_memory() -> int:
+    """Bytes of memory the system can give without swapping (Linux `MemAvailable`; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0

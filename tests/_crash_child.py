@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import make_training_objects
+from training_objects import make_training_objects
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager
 

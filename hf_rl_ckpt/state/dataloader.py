@@ -25,7 +25,7 @@ from . import jsoncodec
 
 
 @contextlib.contextmanager
-def _preserve_global_rng() -> Iterator[None]:
+def preserve_global_rng() -> Iterator[None]:
     """Run a block without moving python, numpy or torch CPU/CUDA global RNG state."""
     py_state, np_state, cpu_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -94,7 +94,7 @@ class ResumableDataLoader:
                 return
 
     def _replay_epoch(self) -> Iterator[Any]:
-        with _preserve_global_rng():
+        with preserve_global_rng():
             self._set_sampler_epoch()
             if self._epoch_rng_state is not None:
                 torch.set_rng_state(self._epoch_rng_state)

@@ -12,21 +12,28 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import safe_open
+from huggingface_hub.utils import tqdm
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 from ..errors import CorruptCheckpointError, StateMismatchError
 from ..layout import safe_join
-from .safetensors_io import write_safetensors
+from .pickled import load_pickled_tensors, write_torch_bin
+from .safetensors_io import check_safetensors_header, write_safetensors
 
 logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
+BIN_WEIGHTS = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WeightsFormat = Literal["safetensors", "torch_save"]
+#: weights format -> (single-file name, shard index name), in the order readers look for them.
+_WEIGHT_FILES: dict[str, tuple[str, str]] = {"safetensors": (SAFE_WEIGHTS, SAFE_INDEX), "torch_save": (BIN_WEIGHTS, BIN_INDEX)}
 FileDigests = dict[str, tuple[int, str]]
 
 
@@ -38,6 +45,8 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    if isinstance(tensor, DTensor):  # a sharded parameter: tied copies share the same local shard
+        tensor = tensor.to_local()
     return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
 
 
@@ -47,13 +56,13 @@ def tied_weight_targets(model: torch.nn.Module) -> set[str]:
     return set(tied) if isinstance(tied, Mapping) else set(tied)
 
 
-def deduplicated_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` with every shared tensor kept once, under its source name.
+def deduplicated_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`state` (default `model.state_dict()`) with every shared tensor kept once, under its source name.
 
     Tied embeddings share storage; like `save_pretrained`, keep the source key and drop the
     tied target, so transformers re-ties them on load.
     """
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     targets = tied_weight_targets(model)
     groups: dict[tuple[Any, ...], list[str]] = {}
     for name, tensor in state.items():
@@ -80,66 +89,104 @@ def save_hf_metadata(model: torch.nn.Module, out_dir: Path, tokenizer: Any | Non
         tokenizer.save_pretrained(out_dir)
 
 
-def save_weights(state: Mapping[str, torch.Tensor], out_dir: Path, max_shard_size: int) -> FileDigests:
-    """Write `state` as `model.safetensors` or HF-named shards + index; return digests by file name."""
+def save_weights(
+    state: Mapping[str, torch.Tensor], out_dir: Path, max_shard_size: int, weights_format: WeightsFormat = "safetensors"
+) -> FileDigests:
+    """Write `state` as one weights file or HF-named shards + index; return digests by file name.
+
+    `weights_format="torch_save"` writes the legacy `pytorch_model.bin` (a `torch.save` of the
+    tensors alone, so `torch.load(weights_only=True)` reads it) for tools that need it.
+    """
+    single, index_name = _WEIGHT_FILES[weights_format]
     split = split_torch_state_dict_into_shards(
-        dict(state), max_shard_size=max_shard_size, filename_pattern="model{suffix}.safetensors"
+        dict(state), max_shard_size=max_shard_size, filename_pattern=single.replace(".", "{suffix}.", 1)
     )
     digests: FileDigests = {}
-    for filename, names in split.filename_to_tensors.items():
-        digests[filename] = write_safetensors(out_dir / filename, {n: state[n] for n in names}, {"format": "pt"})
+    # Above max_shard_size a model takes minutes to write: show progress by file (one file needs no bar).
+    files = tqdm(split.filename_to_tensors.items(), desc=f"Writing weights to {out_dir}", unit="file", disable=not split.is_sharded, name="hf_rl_ckpt")
+    for filename, names in files:
+        part = {n: state[n] for n in names}
+        if weights_format == "torch_save":
+            digests[filename] = write_torch_bin(out_dir / filename, part)
+        else:
+            digests[filename] = write_safetensors(out_dir / filename, part, {"format": "pt"})
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
-        (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (out_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return digests
 
 
 def save_consolidated(
-    model: torch.nn.Module, out_dir: str | os.PathLike, *, max_shard_size: int, tokenizer: Any | None = None
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_size: int,
+    tokenizer: Any | None = None,
+    weights_format: WeightsFormat = "safetensors",
 ) -> FileDigests:
     """Write the HF-format folder of `model` (weights, config, generation config, tokenizer)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inner = unwrap_model(model)
-    digests = save_weights(deduplicated_state_dict(inner), out_dir, max_shard_size)
+    digests = save_weights(deduplicated_state_dict(inner), out_dir, max_shard_size, weights_format)
     save_hf_metadata(inner, out_dir, tokenizer)
     return digests
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
-    """The safetensors files of an HF folder, from the index when sharded."""
+    """The weight files of an HF folder (safetensors preferred, else `pytorch_model*.bin`), from the index when sharded."""
     folder = Path(folder)
-    index = folder / SAFE_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CorruptCheckpointError(index, f"not a valid safetensors index ({err})") from err
-        return [safe_join(folder, name) for name in sorted(set(weight_map.values()))]
-    single = folder / SAFE_WEIGHTS
-    if not single.is_file():
-        raise CorruptCheckpointError(folder, f"no {SAFE_WEIGHTS} or {SAFE_INDEX}: not a consolidated model folder")
-    return [single]
+    for single, index_name in _WEIGHT_FILES.values():
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise CorruptCheckpointError(index, f"not a valid weights index ({err})") from err
+            return [safe_join(folder, name) for name in names]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise CorruptCheckpointError(folder, f"no {SAFE_WEIGHTS}, {BIN_WEIGHTS} or their index: not a consolidated model folder")
 
 
-def read_header_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """Tensor name -> (shape, file) from safetensors headers, without reading the data."""
+def read_weights(path: Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of one weights file: safetensors after a header check, a `.bin` only through the pickle gate."""
+    if path.suffix == ".safetensors":
+        check_safetensors_header(path)
+        return load_file(path)
+    return load_pickled_tensors(path, trust_pickle=trust_pickle)
+
+
+def read_header_shapes(files: list[Path], *, trust_pickle: bool = False) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """Tensor name -> (shape, file), from validated safetensors headers without reading the data."""
     shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
     for path in files:
-        try:
-            with safe_open(path, framework="pt") as fh:
-                for key in fh.keys():
-                    shapes[key] = (tuple(fh.get_slice(key).get_shape()), path)
-        except Exception as err:  # safetensors raises its own SafetensorError for malformed headers
-            raise CorruptCheckpointError(path, f"not a readable safetensors file ({err})") from err
+        if path.suffix == ".safetensors":
+            for key, entry in check_safetensors_header(path).items():
+                shapes[key] = (tuple(entry["shape"]), path)
+        else:
+            for key, tensor in read_weights(path, trust_pickle=trust_pickle).items():
+                shapes[key] = (tuple(tensor.shape), path)
     return shapes
 
 
 def check_compatible(model: torch.nn.Module, saved: Mapping[str, tuple[tuple[int, ...], Path]], where: Path) -> None:
     """Raise naming the mismatching keys when the checkpoint's tensors do not fit `model`."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    loadable = deduplicated_state_dict(model)
-    missing = [n for n in loadable if n not in saved]
+    problem = f"checkpoint weights in {where} do not fit {type(model).__name__} (another architecture or config?)"
+    check_tensors(expected, deduplicated_state_dict(model), saved, problem)
+
+
+def check_tensors(
+    expected: Mapping[str, tuple[int, ...]], required: Iterable[str], saved: Mapping[str, tuple[tuple[int, ...], Path]], problem: str
+) -> None:
+    """Raise `StateMismatchError(problem: ...)` listing missing, unexpected and wrongly shaped tensors.
+
+    `expected` holds every name the target accepts with its shape, `required` the names the
+    checkpoint must provide (tied copies are accepted but not required).
+    """
+    missing = [n for n in required if n not in saved]
     unexpected = [n for n in saved if n not in expected]
     wrong_shape = [
         f"{n} (checkpoint {list(saved[n][0])}, model {list(expected[n])})" for n in saved if n in expected and saved[n][0] != expected[n]
@@ -149,20 +196,28 @@ def check_compatible(model: torch.nn.Module, saved: Mapping[str, tuple[tuple[int
         for label, names in (("missing in checkpoint", missing), ("not in model", unexpected), ("shape mismatch", wrong_shape)):
             if names:
                 parts.append(f"{label}: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else ""))
-        raise StateMismatchError(
-            f"checkpoint weights in {where} do not fit {type(model).__name__} (another architecture or config?): " + "; ".join(parts)
-        )
+        raise StateMismatchError(f"{problem}: " + "; ".join(parts))
 
 
-def load_consolidated(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+def load_consolidated(
+    model: torch.nn.Module,
+    folder: str | os.PathLike,
+    *,
+    trust_pickle: bool = False,
+    preloaded: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> None:
     """Load the weights of an HF-format folder into `model` in place (memory-mapped reads).
 
     Everything is checked against the model before any tensor is copied, so a mismatch
-    leaves the model untouched.
+    leaves the model untouched. A legacy `pytorch_model.bin` folder is read only with
+    `trust_pickle` (see `hf_rl_ckpt.state.pickled`). `preloaded` maps file paths to their
+    tensors already in memory (read once while their sha256 was checked): not read again.
     """
     inner = unwrap_model(model)
     files = weight_files(folder)
-    check_compatible(inner, read_header_shapes(files), Path(folder))
+    check_compatible(inner, read_header_shapes(files, trust_pickle=trust_pickle), Path(folder))
+    in_memory = {os.path.realpath(name): tensors for name, tensors in (preloaded or {}).items()}
     with torch.no_grad():
         for path in files:
-            inner.load_state_dict(load_file(path), strict=False)
+            tensors = in_memory.get(os.path.realpath(path))
+            inner.load_state_dict(read_weights(path, trust_pickle=trust_pickle) if tensors is None else tensors, strict=False)

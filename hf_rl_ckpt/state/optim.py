@@ -2,15 +2,29 @@
 
 The optimizer state dict is flattened by parameter name (`state.<fqn>.exp_avg`), which
 makes it independent of parameter order and lets DCP reshard it across world sizes. Its
-tensors go to `HuggingFaceStorageWriter` (safetensors shards whose DCP metadata lives in
-the safetensors headers, so no pickled `.metadata` file); the non-tensor values (lr,
-betas, flags) go to JSON, because that writer would silently pickle them into a file
-named `.safetensors`.
+tensors are safetensors files whose DCP metadata lives in the headers (no pickled
+`.metadata` file), so `HuggingFaceStorageReader` reads and reshards them; the non-tensor
+values (lr, betas, flags) go to JSON, because DCP's writer would silently pickle them into
+a file named `.safetensors`.
+
+Who writes the tensors: when every tensor is a plain (unsharded) tensor, as in a single
+process or a DDP run whose ranks agree they hold the same state, rank 0 streams them with
+our own writer into the file DCP would name, with the same header metadata
+(`write_optimizer_tensors`): hashed while written, fsynced, and never a second copy in
+memory (DCP's `HuggingFaceStorageWriter` serialises each whole file into one bytes object
+first). Sharded state (DTensors, e.g. FSDP) goes through DCP's collective writer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 import os
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +32,25 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor
+from torch.futures import Future
 
 from .. import distributed
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, fsync_tree, write_bytes
 from ..errors import CorruptCheckpointError, StateMismatchError
 from . import jsoncodec
+from .safetensors_io import write_safetensors
 
 NON_TENSOR_STATE = "non_tensor_state.json"
+#: The names DCP's `HuggingFaceStorageWriter` gives a rank-0 (non-distributed) save: the first file and the index.
+TENSORS_FILE = "model-00001-of-00001.safetensors"
+TENSORS_INDEX = "model.safetensors.index.json"
+#: Largest optimizer tensor file written by `write_optimizer_tensors` (several files are written and hashed in parallel).
+OPTIM_FILE_SIZE = 512 << 20
+#: Header metadata keys of DCP's HF format (torch.distributed.checkpoint._hf_utils).
+_DCP_SHARDING_INFO, _DCP_VERSION, _SAVED_OFFSETS = "DCP_SHARDING_INFO", "DCP_VERSION", "saved_offsets"
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+FileDigests = dict[str, tuple[int, str]]
 
 
 def _split(flat: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -33,19 +58,175 @@ def _split(flat: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any
     return tensors, {k: v for k, v in flat.items() if k not in tensors}
 
 
-def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: str | os.PathLike) -> None:
-    """Write the optimizer state of `model`'s parameters to `out_dir` (collective across ranks)."""
+@contextlib.contextmanager
+def _without_empty_groups(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Hide parameter groups that hold no parameters while DCP reads or writes the state.
+
+    The flattened state names a group by its parameters, so an empty group (e.g. the
+    Trainer's no-weight-decay group of a LoRA model) vanishes on save and breaks loading.
+    It has no state to keep, and its learning rate follows the scheduler.
+    """
+    groups = optimizer.param_groups
+    optimizer.param_groups = [group for group in groups if group["params"]]
+    try:
+        yield
+    finally:
+        # Loading replaces the group dicts: put the current ones back in place, between the empty groups.
+        current = iter(optimizer.param_groups)
+        optimizer.param_groups = [next(current) if group["params"] else group for group in groups]
+
+
+@dataclass
+class OptimizerSnapshot:
+    """The optimizer state as of `capture_optimizer`: tensors by flattened name (live references,
+    not copies) and the non-tensor values already serialised to JSON."""
+
+    tensors: dict[str, torch.Tensor]
+    rest: bytes
+
+    @property
+    def plain(self) -> bool:
+        """True when no tensor is sharded (DTensor), so one process holds the whole state."""
+        return not any(isinstance(t, DTensor) for t in self.tensors.values())
+
+    def signature(self) -> str:
+        """Names, shapes and dtypes of the state (and its JSON values): equal on ranks that hold the same replicated state."""
+        sha = hashlib.sha256(self.rest)
+        for name, tensor in sorted(self.tensors.items()):
+            sha.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        return sha.hexdigest()
+
+
+def capture_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> OptimizerSnapshot:
+    """The flattened state of `optimizer` over `model`'s parameters (tensors referenced, not copied)."""
+    with _without_empty_groups(optimizer):
+        tensors, rest = _split(get_optimizer_state_dict(model, optimizer, options=_OPTIONS))
+    return OptimizerSnapshot(tensors, jsoncodec.dumps(rest, "optimizer"))
+
+
+def _file_name(index: int, count: int) -> str:
+    """DCP's name for file `index` (1-based) of `count` (torch.distributed.checkpoint._hf_utils._gen_file_name)."""
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def split_by_size(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive groups of `tensors` of at most `max_bytes` each (a bigger tensor gets a group of its own)."""
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = tensor
+        size += nbytes
+    return groups
+
+
+def write_optimizer_tensors(
+    tensors: Mapping[str, torch.Tensor], rest: bytes, out_dir: str | os.PathLike, *, max_file_size: int = OPTIM_FILE_SIZE
+) -> FileDigests:
+    """Write whole (unsharded) optimizer state from one process; return digests by file name.
+
+    The tensors go through the streaming safetensors writer (hashed while written, fsynced,
+    no in-memory copy of the file) into the files DCP's `HuggingFaceStorageWriter` would
+    write for a non-distributed save with an `fqn_to_index_mapping` (`model-0000i-of-0000n`,
+    at most `max_file_size` each), with the same header metadata (every tensor a single
+    chunk at offset 0) and index, so `load_optimizer` reads and reshards them exactly as a
+    DCP save. Several files are written concurrently, and a resume hashes them in parallel.
+    The tensor files are fsynced; the two small JSON files are not: inside a checkpoint's
+    staging directory the commit fsyncs the tree (`save_optimizer` does it for its folder).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors, rest = _split(get_optimizer_state_dict(model, optimizer, options=_OPTIONS))
+    groups = split_by_size(tensors, max_file_size)
+    names = [_file_name(index, len(groups)) for index in range(1, len(groups) + 1)]
+
+    def write(name: str, group: Mapping[str, torch.Tensor]) -> tuple[int, str]:
+        sharding = {fqn: {_SAVED_OFFSETS: [0] * tensor.dim()} for fqn, tensor in group.items()}
+        metadata = {_DCP_SHARDING_INFO: json.dumps(sharding), _DCP_VERSION: "1.0", "format": "pt"}
+        return write_safetensors(out_dir / name, group, metadata)
+
+    with ThreadPoolExecutor(min(len(groups), os.cpu_count() or 1, 4), thread_name_prefix="hf_rl_ckpt-optim") as pool:
+        futures = {name: pool.submit(write, name, group) for name, group in zip(names, groups)}
+        digests = {name: future.result() for name, future in futures.items()}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": {fqn: name for name, group in zip(names, groups) for fqn in group},
+    }
+    digests[TENSORS_INDEX] = write_bytes(out_dir / TENSORS_INDEX, json.dumps(index, indent=2).encode())
+    digests[NON_TENSOR_STATE] = write_bytes(out_dir / NON_TENSOR_STATE, rest)
+    return digests
+
+
+def write_optimizer_dcp(snapshot: OptimizerSnapshot, out_dir: str | os.PathLike) -> FileDigests:
+    """Write the state through DCP's collective `HuggingFaceStorageWriter` (every rank calls it); digests of rank 0's JSON."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     with distributed.quiet_single_process_dcp():
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(out_dir), save_distributed=distributed.is_distributed()))
+        dcp.save(snapshot.tensors, storage_writer=HuggingFaceStorageWriter(str(out_dir), save_distributed=distributed.is_distributed()))
     if distributed.rank() == 0:
-        atomic_write_bytes(out_dir / NON_TENSOR_STATE, jsoncodec.dumps(rest, "optimizer"))
+        return {NON_TENSOR_STATE: atomic_write_bytes(out_dir / NON_TENSOR_STATE, snapshot.rest)}
+    return {}
 
 
-def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, in_dir: str | os.PathLike) -> None:
-    """Restore optimizer state saved by `save_optimizer`, resharding to this run's layout."""
+def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: str | os.PathLike) -> FileDigests:
+    """Write the optimizer state of `model`'s parameters to `out_dir` (collective across ranks); digests by file name.
+
+    A single process streams it (`write_optimizer_tensors`); a distributed job writes through
+    DCP (see `CheckpointManager`, which lets rank 0 stream replicated DDP state instead).
+    """
+    snapshot = capture_optimizer(model, optimizer)
+    if not distributed.is_distributed() and snapshot.plain:
+        digests = write_optimizer_tensors(snapshot.tensors, snapshot.rest, out_dir)
+        fsync_tree(out_dir)
+        return digests
+    return write_optimizer_dcp(snapshot, out_dir)
+
+
+class _PreloadedReader(HuggingFaceStorageReader):
+    """`HuggingFaceStorageReader` that takes tensors from files already read (and hash-checked) into memory.
+
+    Files not in `preloaded` are read from disk as usual; planning and resharding are DCP's.
+    """
+
+    def __init__(self, path: str, preloaded: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        super().__init__(path)
+        self._preloaded = {os.path.realpath(name): tensors for name, tensors in preloaded.items()}
+
+    def read_data(self, plan, planner) -> Future[None]:
+        from_memory, from_disk = [], []
+        for item in plan.items:
+            name = os.path.realpath(self.storage_data[item.storage_index].relative_path)
+            (from_memory if name in self._preloaded else from_disk).append(item)
+        if from_disk:
+            super().read_data(dataclasses.replace(plan, items=from_disk), planner).wait()
+        for item in from_memory:
+            tensors = self._preloaded[os.path.realpath(self.storage_data[item.storage_index].relative_path)]
+            slices = tuple(slice(offset, offset + length) for offset, length in zip(item.storage_offsets, item.lengths))
+            source = tensors[item.storage_index.fqn][slices]
+            target = planner.resolve_tensor(item).detach()
+            if target.size() != source.size():
+                raise CorruptCheckpointError(self.path, f"optimizer tensor {item.storage_index.fqn}: stored {list(source.size())}, expected {list(target.size())}")
+            target.copy_(source)
+            planner.commit_tensor(item, target)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+
+def load_optimizer(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    in_dir: str | os.PathLike,
+    *,
+    preloaded: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> None:
+    """Restore optimizer state saved by `save_optimizer`, resharding to this run's layout.
+
+    `preloaded` maps file paths to their tensors already in memory (read once while their
+    sha256 was checked); those files are not read again.
+    """
     in_dir = Path(in_dir)
     try:
         rest = jsoncodec.loads((in_dir / NON_TENSOR_STATE).read_bytes())
@@ -53,8 +234,9 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, in_
         raise CorruptCheckpointError(in_dir / NON_TENSOR_STATE, "missing: the optimizer state is incomplete") from err
     except ValueError as err:
         raise CorruptCheckpointError(in_dir / NON_TENSOR_STATE, f"not valid JSON ({err})") from err
-    template, template_rest = _split(get_optimizer_state_dict(model, optimizer, options=_OPTIONS))
-    reader = HuggingFaceStorageReader(str(in_dir))
+    with _without_empty_groups(optimizer):
+        template, template_rest = _split(get_optimizer_state_dict(model, optimizer, options=_OPTIONS))
+    reader = _PreloadedReader(str(in_dir), preloaded) if preloaded else HuggingFaceStorageReader(str(in_dir))
     saved = set(reader.read_metadata().state_dict_metadata)
     missing, unexpected = sorted(set(template) - saved), sorted(saved - set(template))
     if missing or unexpected or set(template_rest) != set(rest):
@@ -65,4 +247,5 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, in_
         )
     with distributed.quiet_single_process_dcp():
         dcp.load(template, storage_reader=reader)
-    set_optimizer_state_dict(model, optimizer, {**template, **rest}, options=_OPTIONS)
+    with _without_empty_groups(optimizer):
+        set_optimizer_state_dict(model, optimizer, {**template, **rest}, options=_OPTIONS)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CorruptCheckpointError
-from .safetensors_io import write_safetensors
+from .safetensors_io import check_safetensors_header, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ def save_rng(path: str | os.PathLike) -> tuple[int, str]:
 def load_rng(path: str | os.PathLike) -> None:
     """Restore the RNG states saved by `save_rng`."""
     try:
+        check_safetensors_header(path)
         with safe_open(os.fspath(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}

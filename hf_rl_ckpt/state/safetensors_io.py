@@ -4,11 +4,14 @@
 second copy of the weights in memory. This writer emits the same format tensor by tensor
 (a device tensor is copied to the host one at a time), hashing as it writes, so the extra
 memory of a save stays near one tensor and the manifest needs no second read. Reading
-uses the safetensors library itself (memory-mapped).
+uses the safetensors library itself (memory-mapped), after `check_safetensors_header` has
+validated the header: a file from disk may be hostile, and a header that claims huge or
+overlapping tensors should be refused with the file named before any library maps it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -17,7 +20,8 @@ from typing import Mapping
 
 import torch
 
-from ..atomic import HashingWriter
+from ..atomic import PipelinedHashingWriter
+from ..errors import CorruptCheckpointError
 
 _DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -41,7 +45,11 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> tuple[int, str]:
-    """Write `tensors` as a safetensors file, fsync it, and return (size, sha256)."""
+    """Write `tensors` as a safetensors file, fsync it, and return (size, sha256).
+
+    The bytes are hashed while a helper thread writes them (`PipelinedHashingWriter`), so
+    the sha256 costs no extra pass and, on a disk slower than hashing, no extra time.
+    """
     header: dict[str, object] = {}
     offset = 0
     for name, tensor in tensors.items():
@@ -55,12 +63,113 @@ def write_safetensors(
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
     with open(Path(path), "wb") as fh:
-        writer = HashingWriter(fh)
-        writer.write(struct.pack("<Q", len(header_bytes)))
-        writer.write(header_bytes)
-        for tensor in tensors.values():
-            if tensor.numel():
-                writer.write(tensor_bytes(tensor))
+        with PipelinedHashingWriter(fh) as writer:
+            writer.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+            for tensor in tensors.values():
+                if tensor.numel():
+                    writer.write(tensor_bytes(tensor))
         fh.flush()
         os.fsync(fh.fileno())
     return writer.size, writer.sha256
+
+
+#: Bits per element of every safetensors dtype.
+_DTYPE_BITS = {
+    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U64": 64, "U32": 32,
+    "U16": 16, "U8": 8, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4,
+}
+#: The safetensors library's own bound on the JSON header.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def check_safetensors_header(path: str | os.PathLike, data: memoryview | None = None) -> dict[str, dict[str, object]]:
+    """Validate a safetensors file's header against the file itself; return the tensor entries.
+
+    `data`, when given, is the whole file already in memory (see `tensors_from_buffer`);
+    it is checked instead of reading `path`, which then only names the file in errors.
+
+    Checks, reading only the header: the 8-byte length is within the file and below 100 MB;
+    the header is a JSON object; every tensor has a known dtype, a shape of non-negative
+    ints and `data_offsets` whose byte length equals shape x dtype size; and the tensors,
+    sorted by offset, tile the data section exactly (no gaps, no overlaps, nothing past the
+    end of the file). Raises `CorruptCheckpointError` naming the file and the first problem.
+    """
+    path = Path(path)
+    size = path.stat().st_size if data is None else len(data)
+
+    def bad(reason: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(path, f"invalid safetensors header: {reason}")
+
+    if size < 8:
+        raise bad(f"the file is {size} bytes, shorter than the 8-byte header length")
+    with open(path, "rb") if data is None else contextlib.nullcontext() as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8) if fh is not None else data[:8])
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise bad(f"header length {header_len} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte limit")
+        raw = fh.read(header_len) if fh is not None else bytes(data[8 : 8 + header_len])
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise bad(f"not JSON ({err})") from err
+    if not isinstance(header, dict):
+        raise bad("not a JSON object")
+    data_size = size - 8 - header_len
+    spans = []
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    for name, entry in tensors.items():
+        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPE_BITS:
+            raise bad(f"tensor {name!r} has no known dtype ({entry.get('dtype') if isinstance(entry, dict) else entry!r})")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers")
+        if (
+            not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise bad(f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end")
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        expected_bits = numel * _DTYPE_BITS[entry["dtype"]]
+        if expected_bits != (offsets[1] - offsets[0]) * 8:
+            raise bad(
+                f"tensor {name!r} ({entry['dtype']} {shape}) needs {expected_bits / 8:g} bytes but data_offsets span "
+                f"{offsets[1] - offsets[0]}"
+            )
+        spans.append((offsets[0], offsets[1], name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else f"leaves a gap of {begin - position} bytes"
+            raise bad(f"tensor {name!r} at bytes [{begin}, {end}) {what}")
+        position = end
+    if position != data_size:
+        raise bad(f"tensors cover {position} bytes of data but the file holds {data_size} after the header (truncated or padded)")
+    return tensors
+
+
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
+
+
+def tensors_from_buffer(path: str | os.PathLike, data: memoryview) -> dict[str, torch.Tensor] | None:
+    """The tensors of a safetensors file already read into memory (`data`), as views of it, no copy.
+
+    The header is validated first (`check_safetensors_header`). A tensor whose offset is not
+    aligned to its element size is copied out instead of viewed. Returns None when the file
+    holds a dtype torch cannot view (the caller then reads it with the safetensors library).
+    """
+    entries = check_safetensors_header(path, data)
+    if any(entry["dtype"] not in _TORCH_DTYPES for entry in entries.values()):
+        return None
+    (header_len,) = struct.unpack("<Q", data[:8])
+    raw = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+    base = 8 + header_len
+    tensors = {}
+    for name, entry in entries.items():
+        begin, end = entry["data_offsets"]
+        dtype = _TORCH_DTYPES[entry["dtype"]]
+        piece = raw[base + begin : base + end]
+        if (base + begin) % dtype.itemsize:
+            piece = piece.clone()
+        tensors[name] = piece.view(dtype).reshape(entry["shape"])
+    return tensors

@@ -1,0 +1,101 @@
+"""`hf-rl-ckpt export`: a checkpoint's weights as a plain model folder, for whatever serves them.
+
+Without merging, the deployable folder is copied as it is: `model/consolidated/`, or
+`model/adapter/` for a PEFT run (serve it with its base, e.g. vLLM `--lora-modules`). With
+`merge_lora`, the adapter is merged into its base model and written as consolidated HF
+weights, for engines that cannot apply LoRA. The checkpoint is verified first (a corrupt
+checkpoint is never exported) and the output appears whole or not at all: it is written
+beside `out` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub.utils import tqdm
+
+from .atomic import fsync_dir, fsync_tree
+from .config import parse_size
+from .errors import CheckpointError
+from .layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR
+from .state.model import save_consolidated
+from .state.peft import load_merged_model
+from .verify import verify_checkpoint
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge_lora: bool = False, base: str | None = None) -> Path:
+    """Write the model of `checkpoint` to the new folder `out` and return it.
+
+    Args:
+        checkpoint: a committed checkpoint directory, e.g. `runs/ckpt/step_40`.
+        out: the folder to create; it must not exist yet.
+        merge_lora: merge a PEFT checkpoint's adapter into its base model.
+        base: the base model to merge into (local folder or cached Hub id); defaults to the
+            adapter's `base_model_name_or_path`, looked up in the run's `model_cache_dir`.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists():
+        raise CheckpointError(f"export target {out} already exists; choose a new folder or remove it first")
+    verify_checkpoint(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        if merge_lora:
+            _write_merged(checkpoint, staging, base)
+        else:
+            _copy_with_progress(_model_folder(checkpoint), staging)
+        fsync_tree(staging)
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    fsync_dir(out.parent)
+    return out
+
+
+def _copy_with_progress(source: Path, target: Path) -> None:
+    """`shutil.copytree` with a progress bar in bytes: a large model's weights take minutes to copy.
+
+    The bar is huggingface_hub's (a widget in notebooks; `HF_HUB_DISABLE_PROGRESS_BARS=1` turns it off).
+    """
+    total = sum(path.stat().st_size for path in source.rglob("*") if path.is_file())
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"Exporting {source}", name="hf_rl_ckpt") as bar:
+
+        def copy(src: str, dst: str) -> str:
+            shutil.copy2(src, dst)
+            bar.update(os.path.getsize(src))
+            return dst
+
+        shutil.copytree(source, target, copy_function=copy)
+
+
+def _model_folder(checkpoint: Path) -> Path:
+    for relpath in (CONSOLIDATED_DIR, ADAPTER_DIR):
+        if (checkpoint / relpath).is_dir():
+            return checkpoint / relpath
+    raise CheckpointError(f"{checkpoint} holds no model folder ({CONSOLIDATED_DIR}/ or {ADAPTER_DIR}/); it was saved without weights")
+
+
+def _write_merged(checkpoint: Path, out: Path, base: str | None) -> None:
+    from transformers import AutoTokenizer
+
+    adapter = checkpoint / ADAPTER_DIR
+    if not adapter.is_dir():
+        raise CheckpointError(
+            f"{checkpoint} holds no adapter ({ADAPTER_DIR}/), so there is no LoRA to merge; "
+            f"export it without --merge-lora to copy its {CONSOLIDATED_DIR}/ folder"
+        )
+    settings = _checkpoint_settings(checkpoint)
+    model = load_merged_model(adapter, base=base, cache_dir=settings.get("model_cache_dir"))
+    tokenizer = AutoTokenizer.from_pretrained(adapter) if (adapter / "tokenizer_config.json").is_file() else None
+    save_consolidated(model, out, max_shard_size=parse_size(settings.get("max_shard_size") or "5GB"), tokenizer=tokenizer)
+
+
+def _checkpoint_settings(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint config the run used (from the checkpoint's config.yaml), for its cache dir and shard size."""
+    document = yaml.safe_load((checkpoint / CONFIG_YAML).read_text()) if (checkpoint / CONFIG_YAML).is_file() else None
+    return (document or {}).get("checkpoint") or {}

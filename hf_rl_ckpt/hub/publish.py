@@ -1,0 +1,572 @@
+"""Publishing checkpoints to the Hugging Face Hub, in the background, without ever stalling training.
+
+Layout on the Hub: one model repo per run. Every checkpoint on the run's leaderboard (the
+`keep_top_k` best) is a branch `step-<N>`; `main` holds the best one; the branch of an
+evicted checkpoint is deleted unless `hub_keep_evicted`. A branch holds what serving needs,
+at its root: the consolidated folder (or the adapter folder of a PEFT model) with its
+tokenizer and config, and the model card README.md; the rest of the checkpoint goes under
+`training_state/` only with `hub_push_training_state`. So `from_pretrained(repo,
+revision="step-N")` and `vllm serve repo --revision step-N` work as they are.
+
+How training is kept out of it: `CheckpointManager.save` calls `HubPublisher.enqueue`, which
+records pending pushes in the `hub` section of `checkpoints.json` (local I/O only) and wakes
+a worker thread. The worker reconciles the Hub with the registry: it pushes the leaderboard's
+branches that are not up to date, moves `main` to the best checkpoint, deletes evicted
+branches. Reconciling (rather than replaying a list of tasks) makes requests coalesce (three
+saves during one slow upload become one pass that publishes only what is still retained),
+makes every action idempotent (a retry redoes it, a restart reruns the pass), and needs no
+journal beyond the per-step status: a new process finishes whatever was pending.
+
+Failures: 5xx, 429, timeouts and connection errors are retried with exponential backoff;
+when the budget runs out the pass stops and its pushes stay pending (retried at the next
+save, at the next start, or by `hf-rl-ckpt push`). A 401/403 is reported once, as one ERROR
+line that says what to fix, and stops publishing for the process; training goes on.
+
+Bytes: each branch update is one `create_commit`. Files are added from the checkpoint with
+the sha256 its manifest already holds (the client would otherwise read every weight file
+once more to hash it), so the preupload answer lets the client skip files the branch
+already has, and the Hub's LFS store (content-addressed by sha256) is never sent an object
+twice: pushing `main` after the branch of the same checkpoint uploads no weights again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import chain
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, TypeVar
+
+import httpx2
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+from tqdm.auto import tqdm
+
+from ..atomic import sha256_file
+from ..config import CheckpointConfig
+from ..errors import CheckpointError, CorruptCheckpointError
+from ..layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, MODEL_CARD, TRAINING_INFO, safe_join
+from ..registry import Registry
+from ..retention import RetentionPolicy
+from ..verify import read_training_info, verify_checkpoint
+from .card import Leaderboard, branch_for, render_model_card
+
+logger = logging.getLogger("hf_rl_ckpt")
+
+MAIN = "main"
+TRAINING_STATE_DIR = "training_state"
+PENDING, PUSHED, FAILED = "pending", "pushed", "failed"
+_KEEP_ON_HUB = {".gitattributes"}
+_T = TypeVar("_T")
+
+
+class HubAuthError(CheckpointError):
+    """The Hub refused the credentials (HTTP 401/403): publishing cannot succeed until they are fixed."""
+
+
+class HubUnavailableError(CheckpointError):
+    """The Hub kept failing with transient errors (5xx, timeouts, connection errors) beyond the retry budget."""
+
+
+class HubPublishError(CheckpointError):
+    """The Hub refused a request for another reason (e.g. 400/404/413); retrying the same request will not help."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for transient Hub failures: `attempts` tries, waiting `initial`, `initial*factor`, ... (capped).
+
+    ```python
+    >>> list(RetryPolicy(initial=1, factor=2, max_delay=5, attempts=5).delays())
+    [1, 2, 4, 5]
+
+    ```
+    """
+
+    initial: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 30.0
+    attempts: int = 8
+
+    def delays(self) -> Iterator[float]:
+        """The waits between consecutive attempts (one fewer than `attempts`)."""
+        delay = self.initial
+        for _ in range(self.attempts - 1):
+            yield min(delay, self.max_delay)
+            delay *= self.factor
+
+
+#: Backoff of the worker and of `hf-rl-ckpt push`: about 1.5 minutes of retries before giving up (tests shorten it).
+DEFAULT_RETRY = RetryPolicy()
+
+
+# ====================================================================== what a branch holds
+@dataclass(frozen=True)
+class HubFile:
+    """A checkpoint file and where it goes in the repo; `sha256` comes from the manifest."""
+
+    path_in_repo: str
+    local: Path
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CheckpointUpload:
+    """Everything one branch should hold for one checkpoint: its files and its model card."""
+
+    step: int
+    files: tuple[HubFile, ...]
+    card: bytes
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the branch content: equal fingerprints mean nothing to push."""
+        listing = json.dumps([(f.path_in_repo, f.sha256) for f in self.files]).encode()
+        return hashlib.sha256(listing + b"\0" + self.card).hexdigest()
+
+
+def checkpoint_files(ckpt_dir: str | Path, *, include_training_state: bool = False) -> tuple[HubFile, ...]:
+    """The files of a committed checkpoint to publish, with their paths in the repo.
+
+    The model folder (`model/adapter/` for a PEFT model, else `model/consolidated/`) goes to
+    the repo root; with `include_training_state` every other file goes under
+    `training_state/` (training_info.json included). The model card is not among them: it
+    is rendered for each push. Sizes are checked against the manifest (a stat per file), so
+    a damaged checkpoint is refused rather than published.
+
+    ```python
+    >>> [f.path_in_repo for f in checkpoint_files("runs/ckpt/step_40")]   # doctest: +SKIP
+    ['config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json']
+    ```
+    """
+    ckpt_dir = Path(ckpt_dir)
+    manifest: Mapping[str, Mapping[str, Any]] = read_training_info(ckpt_dir)["manifest"]
+    folder = next((d for d in (ADAPTER_DIR, CONSOLIDATED_DIR) if any(rel.startswith(d + "/") for rel in manifest)), None)
+    if folder is None:
+        raise CheckpointError(
+            f"{ckpt_dir} has no {CONSOLIDATED_DIR}/ or {ADAPTER_DIR}/ to serve from the Hub "
+            "(a sharded model saved with save_consolidated: false); set save_consolidated: true to publish it"
+        )
+    files = []
+    for rel, entry in sorted(manifest.items()):
+        if rel.startswith(folder + "/") and rel != f"{folder}/{MODEL_CARD}":
+            in_repo = rel[len(folder) + 1 :]
+        elif include_training_state and rel != MODEL_CARD:
+            in_repo = f"{TRAINING_STATE_DIR}/{rel}"
+        else:
+            continue
+        path = safe_join(ckpt_dir, rel)
+        if path.stat().st_size != entry["size"]:
+            raise CorruptCheckpointError(path, f"size {path.stat().st_size} bytes, manifest says {entry['size']}; not publishing a damaged checkpoint")
+        files.append(HubFile(in_repo, path, entry["sha256"]))
+    if include_training_state:
+        info = ckpt_dir / TRAINING_INFO
+        files.append(HubFile(f"{TRAINING_STATE_DIR}/{TRAINING_INFO}", info, sha256_file(info)))
+    return tuple(files)
+
+
+# ====================================================================== Hub operations
+class HubRepo:
+    """The Hub operations of publishing on one repo, each retried on transient failures.
+
+    ```python
+    repo = HubRepo(HfApi(), "alice/my-run", DEFAULT_RETRY)
+    repo.prepare(private=True)
+    sha = repo.push("step-40", upload, "step 40")
+    ```
+    """
+
+    def __init__(self, api: HfApi, repo_id: str, retry: RetryPolicy) -> None:
+        self.api = api
+        self.repo_id = repo_id
+        self.retry = retry
+        self._root_commit: str | None = None
+
+    def prepare(self, private: bool) -> None:
+        """Create the repo if needed and find its first commit, which new branches start from.
+
+        A new branch starts empty (not from `main`): a branch whose push is interrupted
+        must not serve another checkpoint's weights under its name.
+        """
+        self.call("create the repo", lambda: self.api.create_repo(self.repo_id, private=private, exist_ok=True))
+        commits = self.call("list the repo's commits", lambda: self.api.list_repo_commits(self.repo_id))
+        self._root_commit = commits[-1].commit_id
+
+    def push(self, branch: str, upload: CheckpointUpload, message: str) -> str:
+        """One commit that makes `branch` hold exactly `upload` (stale files deleted); returns its sha."""
+        if self._root_commit is None:
+            raise RuntimeError("HubRepo.prepare() must run before push()")
+        if branch != MAIN:
+            root = self._root_commit
+            self.call(f"create branch {branch}", lambda: self.api.create_branch(self.repo_id, branch=branch, revision=root, exist_ok=True))
+        return self.call(f"push {branch}", lambda: self._commit(branch, upload, message))
+
+    def delete_branch(self, branch: str) -> None:
+        """Delete `branch`; one that does not exist (never pushed, or already deleted) is fine."""
+        try:
+            self.call(f"delete branch {branch}", lambda: self.api.delete_branch(self.repo_id, branch=branch))
+        except HubPublishError as err:
+            if not isinstance(err.__cause__, RevisionNotFoundError):
+                raise
+
+    def _commit(self, branch: str, upload: CheckpointUpload, message: str) -> str:
+        remote = set(self.api.list_repo_files(self.repo_id, revision=branch))
+        wanted = {f.path_in_repo for f in upload.files} | {MODEL_CARD}
+        operations: list[CommitOperationAdd | CommitOperationDelete] = [_addition(f) for f in upload.files]
+        operations.append(CommitOperationAdd(MODEL_CARD, upload.card))
+        operations += [CommitOperationDelete(path) for path in sorted(remote - wanted - _KEEP_ON_HUB)]
+        return self.api.create_commit(self.repo_id, operations, commit_message=message, revision=branch).oid
+
+    def call(self, what: str, fn: Callable[[], _T]) -> _T:
+        """`fn()`, retried with backoff on transient failures; Hub errors become typed, actionable errors."""
+        for delay in chain(self.retry.delays(), [None]):
+            try:
+                return fn()
+            except (HfHubHTTPError, httpx2.TransportError, ConnectionError, TimeoutError) as err:
+                kind, reason = classify(err), describe(err, self.api.token if isinstance(self.api.token, str) else None)
+                if kind == "auth":
+                    raise HubAuthError(
+                        f"the Hub refused the credentials ({reason}) for {self.repo_id}. Check hub_token / HF_TOKEN "
+                        f"(or `hf auth login`) and that the token has write access to {self.repo_id}"
+                    ) from err
+                if kind == "permanent":
+                    raise HubPublishError(f"could not {what} on {self.repo_id}: {reason}") from err
+                if delay is None:
+                    raise HubUnavailableError(f"could not {what} on {self.repo_id} after {self.retry.attempts} attempts: {reason}") from err
+                logger.info("Hub: could not %s on %s (%s); retrying in %.1fs", what, self.repo_id, reason, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def _addition(file: HubFile) -> CommitOperationAdd:
+    operation = CommitOperationAdd(file.path_in_repo, str(file.local))
+    # The manifest's digest, so the client does not read the whole file again to hash it.
+    operation.upload_info.sha256 = bytes.fromhex(file.sha256)
+    return operation
+
+
+def classify(err: BaseException) -> Literal["auth", "transient", "permanent"]:
+    """How to react to a failed Hub call: stop (auth), retry (transient) or give this request up (permanent)."""
+    if isinstance(err, HfHubHTTPError):
+        status = getattr(err.response, "status_code", None)
+        if status in (401, 403):
+            return "auth"
+        if status is None or status >= 500 or status in (408, 429):
+            return "transient"
+        return "permanent"
+    return "transient"  # transport errors: timeouts, refused or reset connections
+
+
+def describe(err: BaseException, token: str | None = None) -> str:
+    """One line for logs and checkpoints.json; never contains `token` or the token of HF_TOKEN / the login."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status is not None:
+        message = getattr(err, "server_message", None)
+        line = f"HTTP {status}" + (f": {message.strip().splitlines()[0]}" if message and message.strip() else "")
+    else:
+        line = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    for secret in (token, get_token()):
+        if secret:
+            line = line.replace(secret, "<redacted>")
+    return line
+
+
+# ====================================================================== manual pushes
+def publish_checkpoint(
+    ckpt_dir: str | Path,
+    repo_id: str,
+    *,
+    revision: str = MAIN,
+    private: bool = True,
+    include_training_state: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Push one checkpoint to `revision` of `repo_id` now (what `hf-rl-ckpt push` runs); returns the commit sha.
+
+    The checkpoint is verified first (sizes and sha256): the manifest's digests are what
+    the Hub is told the files hash to. The card lists this checkpoint only.
+
+    ```python
+    >>> publish_checkpoint("runs/ckpt/step_40", "alice/my-run", revision="step-40")   # doctest: +SKIP
+    '3f2a9c...'
+    ```
+
+    Raises:
+        CorruptCheckpointError: the checkpoint fails verification.
+        HubAuthError, HubUnavailableError, HubPublishError: the Hub refused or could not be reached.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    info = verify_checkpoint(ckpt_dir, checksums=True)
+    step = int(info["step"])
+    metrics = info.get("metrics") or {}
+    board = Leaderboard.single(step, metrics, _policy_of(ckpt_dir), branch=revision)
+    card = render_model_card(ckpt_dir, step=step, metrics=metrics, leaderboard=board, repo_id=repo_id, revision=revision)
+    upload = CheckpointUpload(step, checkpoint_files(ckpt_dir, include_training_state=include_training_state), str(card).encode())
+    repo = HubRepo(HfApi(endpoint=endpoint, token=token, library_name="hf_rl_ckpt"), repo_id, DEFAULT_RETRY)
+    repo.prepare(private=private)
+    return repo.push(revision, upload, f"hf_rl_ckpt: step {step} ({ckpt_dir.name})")
+
+
+def _policy_of(ckpt_dir: Path) -> RetentionPolicy:
+    """The ranking metric recorded in a checkpoint's config.yaml (for its card)."""
+    import yaml
+
+    try:
+        block = (yaml.safe_load((ckpt_dir / CONFIG_YAML).read_text()) or {}).get("checkpoint") or {}
+    except (OSError, yaml.YAMLError):
+        block = {}
+    return RetentionPolicy(None, block.get("metric_name"), bool(block.get("higher_is_better", True)))
+
+
+# ====================================================================== the background publisher
+@dataclass(frozen=True)
+class _Action:
+    kind: Literal["push", "main", "delete"]
+    step: int
+    upload: CheckpointUpload | None = None
+
+
+class HubPublisher:
+    """Mirrors a run's leaderboard to its Hub repo from a worker thread (rank 0 only).
+
+    The manager owns it: `enqueue()` after each commit, `drain()` at the end of training.
+    `registry_lock` is the lock the manager holds while it rewrites checkpoints.json, so
+    the publisher's updates of the `hub` section never interleave with a commit's.
+
+    ```python
+    publisher = HubPublisher(config, registry, registry_lock)
+    publisher.enqueue()      # after a commit: returns at once
+    publisher.drain()        # end of training: wait, with a progress bar
+    publisher.stop()
+    ```
+    """
+
+    def __init__(self, config: CheckpointConfig, registry: Registry, registry_lock: threading.Lock) -> None:
+        if not config.hub_model_id:
+            raise CheckpointError("HubPublisher needs config.hub_model_id")
+        self.config = config
+        self.repo_id = config.hub_model_id
+        self.registry = registry
+        self.policy = RetentionPolicy(config.keep_top_k, config.metric_name, config.higher_is_better)
+        api = HfApi(endpoint=config.hub_endpoint, token=config.hub_token, library_name="hf_rl_ckpt")
+        self.repo = HubRepo(api, self.repo_id, DEFAULT_RETRY)
+        self._registry_lock = registry_lock
+        self._cond = threading.Condition()
+        self._requested = False
+        self._busy = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._prepared = False
+        self._auth_failed = False
+        self._done = 0
+        self._total = 0
+
+    # ------------------------------------------------------------ control (training thread)
+    def enqueue(self) -> None:
+        """Record pending pushes in checkpoints.json and wake the worker; returns at once (no network)."""
+        try:
+            self._update_hub(self._track)
+        except (OSError, CheckpointError) as err:  # bookkeeping must not fail a save that is already committed
+            logger.warning("could not record pending Hub pushes in %s (%s); publishing goes on", self.registry.layout.registry_path, err)
+        with self._cond:
+            self._requested = True
+            self._cond.notify_all()
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._work, name="hf_rl_ckpt-hub", daemon=True)
+                self._thread.start()
+
+    def drain(self, progress: bool = True) -> None:
+        """Wait until the worker has done everything asked of it (pushed, or given up until the next start)."""
+        with self._cond:
+            if self._requested or self._busy:
+                with tqdm(total=max(self._total, 1), desc=f"Publishing to {self.repo_id}", unit="push", disable=not progress) as bar:
+                    while (self._requested or self._busy) and self._thread is not None and self._thread.is_alive():
+                        self._cond.wait(timeout=0.5)
+                        bar.total, bar.n = max(self._total, self._done, 1), self._done
+                        bar.refresh()
+        self._report_unpublished()
+
+    def stop(self) -> None:
+        """Let the worker finish its current pass, then end it (a later `enqueue` starts a new one)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    # ------------------------------------------------------------ worker
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._requested and not self._stopping:
+                    self._cond.wait()
+                if not self._requested:
+                    return
+                self._requested, self._busy = False, True
+            try:
+                self._sync()
+            except Exception:  # a bug must not kill the worker (or training): log it, keep serving requests
+                logger.exception("Hub publishing to %s failed unexpectedly; pending pushes are retried at the next save", self.repo_id)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _sync(self) -> None:
+        """One reconciling pass: push out-of-date branches (best first), move main, delete evicted branches."""
+        if self._auth_failed:
+            return
+        with self._registry_lock:
+            data = self.registry.read()
+        actions = self._plan(data["checkpoints"], self._hub_section(data))
+        with self._cond:
+            self._done, self._total = 0, len(actions)
+        if not actions:
+            return
+        try:
+            if not self._prepared:
+                self.repo.prepare(private=self.config.hub_private)
+                self._prepared = True
+            for action in actions:
+                self._execute(action)
+                with self._cond:
+                    self._done += 1
+                    self._cond.notify_all()
+        except HubAuthError as err:
+            self._auth_failed = True
+            logger.error(
+                "Hub publishing stopped: %s. Training continues and checkpoints stay local; the pushes recorded as "
+                "pending in %s resume at the next start, or run `hf-rl-ckpt push CKPT --repo-id %s`.",
+                err, self.registry.layout.registry_path, self.repo_id,
+            )
+        except HubUnavailableError as err:
+            logger.warning(
+                "Hub publishing paused: %s. The pushes recorded as pending in %s are retried at the next save or start.",
+                err, self.registry.layout.registry_path,
+            )
+
+    def _plan(self, rows: list[dict[str, Any]], hub: dict[str, Any]) -> list[_Action]:
+        board = Leaderboard.from_rows(rows, self.policy)
+        metrics = {row["step"]: row.get("metrics") or {} for row in rows}
+        uploads: dict[int, CheckpointUpload] = {}
+        actions = []
+        for step in board.steps:
+            upload = self._upload(step, metrics[step], board)
+            if upload is None:
+                continue
+            uploads[step] = upload
+            entry = hub["steps"].get(str(step)) or {}
+            if entry.get("status") != PUSHED or entry.get("fingerprint") != upload.fingerprint:
+                actions.append(_Action("push", step, upload))
+        main = hub.get("main") or {}
+        if board.main in uploads and (main.get("step") != board.main or main.get("fingerprint") != uploads[board.main].fingerprint):
+            actions.append(_Action("main", board.main, uploads[board.main]))
+        for key, entry in hub["steps"].items():
+            if int(key) not in board.steps and not entry.get("evicted"):
+                actions.append(_Action("delete", int(key)))
+        return actions
+
+    def _upload(self, step: int, metrics: Mapping[str, Any], board: Leaderboard) -> CheckpointUpload | None:
+        ckpt_dir = self.registry.layout.step_dir(step)
+        try:
+            files = checkpoint_files(ckpt_dir, include_training_state=self.config.hub_push_training_state)
+            card = render_model_card(ckpt_dir, step=step, metrics=metrics, leaderboard=board, repo_id=self.repo_id, revision=branch_for(step))
+        except (OSError, CheckpointError) as err:
+            if ckpt_dir.is_dir():
+                self._failed(step, f"cannot publish {ckpt_dir}: {err}")
+            return None  # else: evicted since the registry was read; the next pass deletes its branch
+        return CheckpointUpload(step, files, str(card).encode())
+
+    def _execute(self, action: _Action) -> None:
+        step, branch = action.step, branch_for(action.step)
+        try:
+            if action.kind == "delete":
+                self.repo.delete_branch(branch)
+                self._update_hub(lambda hub, rows: hub["steps"].pop(str(step), None))
+                logger.info("Hub: deleted branch %s of evicted checkpoint step %d from %s", branch, step, self.repo_id)
+                return
+            assert action.upload is not None
+            fingerprint = action.upload.fingerprint
+            if action.kind == "main":
+                sha = self.repo.push(MAIN, action.upload, f"hf_rl_ckpt: main <- step {step} (best)")
+                self._update_hub(lambda hub, rows: hub.update(main={"step": step, "commit": sha, "fingerprint": fingerprint, "updated_at": _now()}))
+                logger.info("Hub: main of %s now holds step %d (commit %s)", self.repo_id, step, sha[:12])
+                return
+            sha = self.repo.push(branch, action.upload, f"hf_rl_ckpt: step {step}")
+            self._update_hub(lambda hub, rows: hub["steps"].update({str(step): {
+                "status": PUSHED, "branch": branch, "commit": sha, "fingerprint": fingerprint, "updated_at": _now(),
+            }}))
+            logger.info("Hub: step %d is on %s@%s (commit %s)", step, self.repo_id, branch, sha[:12])
+        except (HubAuthError, HubUnavailableError) as err:
+            self._failed(step, str(err), log=False)
+            raise
+        except HubPublishError as err:
+            self._failed(step, str(err))
+        except (OSError, ValueError) as err:  # a file vanished mid-push (the client raises ValueError for a missing path)
+            if self.registry.layout.step_dir(step).is_dir():
+                self._failed(step, f"cannot read {self.registry.layout.step_dir(step)}: {err}")
+
+    # ------------------------------------------------------------ the `hub` section of checkpoints.json
+    def _hub_section(self, data: dict[str, Any]) -> dict[str, Any]:
+        hub = data.get("hub")
+        if isinstance(hub, dict) and hub.get("repo_id") == self.repo_id and isinstance(hub.get("steps"), dict):
+            return hub
+        return {"repo_id": self.repo_id, "steps": {}, "main": None}
+
+    def _update_hub(self, change: Callable[[dict[str, Any], list[dict[str, Any]]], object]) -> None:
+        """Read-modify-write the `hub` section under the registry lock (the registry keeps sections it does not own)."""
+        with self._registry_lock:
+            data = self.registry.read()
+            hub = self._hub_section(data)
+            before = json.dumps(data.get("hub"), sort_keys=True)
+            change(hub, data["checkpoints"])
+            if json.dumps(hub, sort_keys=True) != before:
+                data["hub"] = hub
+                self.registry.write(data)
+
+    def _track(self, hub: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """New leaderboard checkpoints become pending; a pushed branch that leaves it is kept (`hub_keep_evicted`) or left for deletion."""
+        board = Leaderboard.from_rows(rows, self.policy)
+        for step in board.steps:
+            hub["steps"].setdefault(str(step), {"status": PENDING, "branch": branch_for(step)})
+        for key, entry in hub["steps"].items():
+            if int(key) not in board.steps and self.config.hub_keep_evicted and entry.get("status") == PUSHED:
+                entry["evicted"] = True
+            else:
+                entry.pop("evicted", None)  # back on the leaderboard, or hub_keep_evicted turned off (the next pass deletes it)
+
+    def _failed(self, step: int, error: str, log: bool = True) -> None:
+        if log:
+            logger.error("Hub: could not publish step %d to %s: %s", step, self.repo_id, error)
+
+        def mark(hub: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+            entry = hub["steps"].get(str(step))
+            if entry is not None and entry.get("status") != PUSHED:
+                entry.update(status=FAILED, error=error, updated_at=_now())
+
+        self._update_hub(mark)
+
+    def _report_unpublished(self) -> None:
+        with self._registry_lock:
+            data = self.registry.read()
+        steps = self._hub_section(data)["steps"]
+        board = Leaderboard.from_rows(data["checkpoints"], self.policy)
+        waiting = [step for step in sorted(board.steps) if (steps.get(str(step)) or {}).get("status") != PUSHED]
+        if waiting:
+            logger.warning(
+                "%d checkpoint(s) are not on the Hub yet (step(s) %s; see 'hub' in %s). They are pushed at the next start "
+                "with push_to_hub, or run `hf-rl-ckpt push CKPT --repo-id %s --revision step-<N>`.",
+                len(waiting), ", ".join(map(str, waiting)), self.registry.layout.registry_path, self.repo_id,
+            )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

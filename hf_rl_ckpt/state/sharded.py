@@ -1,0 +1,101 @@
+"""Models with sharded parameters (FSDP2 DTensors): per-rank shards through DCP plus a consolidated HF folder.
+
+Saving: every rank writes its own slice of each parameter with torch.distributed.checkpoint's
+`HuggingFaceStorageWriter(save_distributed=True)` into `model/sharded/`. Those are plain
+safetensors files whose headers record where each slice sits in the full tensor, so no rank
+ever materialises the full model and nothing is pickled (DCP's default `.metadata` file is).
+The deployable `model/consolidated/` folder is then assembled from the shards on disk by DCP's
+`consolidate_safetensors_files`, which copies one tensor at a time: peak extra memory is one
+full tensor, not the model. It runs on rank 0 only and outside any collective, so a failure
+there reaches the other ranks through the manager's collective error check instead of leaving
+them blocked in a collective that rank 0 never joins.
+
+Loading: `HuggingFaceStorageReader` reads slice offsets from whatever safetensors files a
+folder holds (shards written at any world size, or an ordinary HF folder), and DCP plans which
+bytes each rank needs for its own sharding. That is what lets a checkpoint saved at world size
+2 load at 1 or 4, into a sharded or a plain model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from huggingface_hub import split_torch_state_dict_into_shards
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from .. import distributed
+from ..errors import CorruptCheckpointError
+from .model import SAFE_INDEX, SAFE_WEIGHTS, check_compatible, deduplicated_state_dict, save_hf_metadata
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when any parameter is a DTensor (FSDP2 `fully_shard`, tensor parallel)."""
+    return any(isinstance(param, DTensor) for param in model.parameters())
+
+
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as DCP addresses it (DTensors stay sharded), tied copies dropped as `save_pretrained` does."""
+    return deduplicated_state_dict(model, get_model_state_dict(model))
+
+
+def consolidated_file_plan(state: dict[str, torch.Tensor], max_shard_size: int) -> tuple[dict[str, int], bool]:
+    """Which consolidated file (1-based index) each tensor goes to, split as `save_pretrained` splits at `max_shard_size`.
+
+    Sizes come from the global shapes, so the plan is the same on every rank and needs no data.
+    Returns the mapping and whether more than one file results.
+    """
+    shapes = {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta") for name, tensor in state.items()}
+    split = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size, filename_pattern="model{suffix}.safetensors")
+    index = {filename: i for i, filename in enumerate(sorted(split.filename_to_tensors), start=1)}
+    return {name: index[filename] for name, filename in split.tensor_to_filename.items()}, split.is_sharded
+
+
+def save_sharded(
+    model: torch.nn.Module, sharded_dir: Path, consolidated_dir: Path | None, *, max_shard_size: int, tokenizer: Any | None = None
+) -> None:
+    """Write `model`'s shards into `sharded_dir` (collective: every rank calls it) and, unless
+    `consolidated_dir` is None, the HF folder assembled from them (on rank 0).
+
+    Files are hashed afterwards by the manifest builder; nothing is returned.
+    """
+    state = hf_state_dict(model)
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(os.fspath(sharded_dir), save_distributed=True))
+    if consolidated_dir is None or distributed.rank() != 0:
+        return
+    consolidated_dir.mkdir(parents=True, exist_ok=True)
+    plan, multi_file = consolidated_file_plan(state, max_shard_size)
+    consolidate_safetensors_files(os.fspath(sharded_dir), os.fspath(consolidated_dir), fqn_to_index_mapping=plan)
+    if not multi_file:
+        # DCP names even a single file `model-00001-of-00001.safetensors` with an index; use
+        # `save_pretrained`'s single-file name so every checkpoint's folder looks the same.
+        os.replace(consolidated_dir / "model-00001-of-00001.safetensors", consolidated_dir / SAFE_WEIGHTS)
+        (consolidated_dir / SAFE_INDEX).unlink()
+    save_hf_metadata(model, consolidated_dir, tokenizer)
+
+
+def load_sharded(model: torch.nn.Module, folder: Path) -> None:
+    """Load weights from `folder` (DCP shards of any world size, or an HF folder) into `model`, resharding as needed.
+
+    Collective when a process group is up. Names and global shapes are checked against the
+    model before any tensor is read, so a mismatch leaves the model untouched.
+    """
+    reader = HuggingFaceStorageReader(os.fspath(folder))
+    try:
+        metadata = reader.read_metadata()
+    except Exception as err:  # safetensors raises its own error type for a malformed header
+        raise CorruptCheckpointError(folder, f"not a readable safetensors folder ({err})") from err
+    saved = {name: (tuple(meta.size), folder) for name, meta in metadata.state_dict_metadata.items()}
+    check_compatible(model, saved, folder)
+    state = hf_state_dict(model)
+    with distributed.quiet_single_process_dcp():  # a plain model in a single process loading shards is intended
+        dcp.load(state, storage_reader=reader)
+    # Tied targets are not in the checkpoint (transformers re-ties them), hence strict=False;
+    # check_compatible has already refused a checkpoint that lacks any required tensor.
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))

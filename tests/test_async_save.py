@@ -1,0 +1,252 @@
+"""`async_save`: the training loop only pays for staging; files, fsync, hashes and commit happen in the background."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import hf_rl_ckpt.manager as manager_module
+import hf_rl_ckpt.verify as verify_module
+from hf_rl_ckpt import CheckpointConfig, CheckpointManager, verify_checkpoint
+from hf_rl_ckpt.async_save import PART_DELAY_ENV
+from hf_rl_ckpt.errors import CheckpointSaveError
+from hf_rl_ckpt.faultpoint import ENV_VAR as FAULT_ENV
+from hf_rl_ckpt.layout import TRAINING_INFO
+
+TESTS = Path(__file__).parent
+
+
+def _config(ckpt: Path, **overrides) -> CheckpointConfig:
+    return CheckpointConfig(checkpoint_dir=str(ckpt), **overrides)
+
+
+def _train(objs, steps: int, manager: CheckpointManager | None = None, start: int = 0) -> list[float]:
+    """`steps` training steps from step `start`, saving after each one when a manager is given."""
+    losses = []
+    batches = iter(objs.loader)
+    for step in range(start + 1, start + steps + 1):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(objs.loader)
+            batch = next(batches)
+        losses.append(objs.train_step(batch))
+        if manager is not None:
+            manager.save(step, **objs.as_kwargs(), metrics={"loss": losses[-1]}, extra_state={"step": step})
+    return losses
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _seed() -> None:
+    """The same global RNG for every run of a test (the loader's shuffle draws from it)."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_async_and_sync_saves_write_identical_files(tmp_path, make_objects):
+    """Same training, one manager sync and one async: every file is byte-identical except what records the mode and the clock."""
+    for mode in ("sync", "async"):  # both in the same directory (the model card names it), moved aside afterwards
+        _seed()
+        objs = make_objects()
+        manager = CheckpointManager(_config(tmp_path / "ckpt", async_save=mode == "async"))
+        _train(objs, 3, manager)
+        manager.finalize()
+        shutil.move(tmp_path / "ckpt", tmp_path / mode)
+    sync, async_ = tmp_path / "sync" / "step_3", tmp_path / "async" / "step_3"
+    sync_files, async_files = _files(sync), _files(async_)
+    assert sync_files.keys() == async_files.keys()
+    differing = sorted(name for name in sync_files if sync_files[name] != async_files[name])
+    # training_info.json holds created_at and save_seconds; config.yaml and the model card's config summary record async_save.
+    assert differing == ["README.md", "config.yaml", TRAINING_INFO], differing
+    for name in ("README.md", "config.yaml"):
+        changed = [(a, b) for a, b in zip(sync_files[name].splitlines(), async_files[name].splitlines()) if a != b]
+        assert changed == [(b"  async_save: false", b"  async_save: true")], (name, changed)
+    sync_info, async_info = (json.loads(files[TRAINING_INFO]) for files in (sync_files, async_files))
+    for info in (sync_info, async_info):
+        info.pop("created_at"), info.pop("save_seconds"), info["manifest"].pop("config.yaml"), info["manifest"].pop("README.md")
+    assert sync_info == async_info
+    # The optimizer tensors are streamed by our writer into DCP's file name, header and index.
+    assert {"optim/model-00001-of-00001.safetensors", "optim/model.safetensors.index.json"} <= set(async_info["manifest"])
+    verify_checkpoint(async_)
+
+
+def test_training_is_identical_with_async_on_and_off(tmp_path, make_objects):
+    """Losses and final weights do not depend on async_save; resuming an async checkpoint continues the same run."""
+    results = {}
+    for mode in ("sync", "async"):
+        _seed()
+        objs = make_objects()
+        manager = CheckpointManager(_config(tmp_path / mode, async_save=mode == "async"))
+        losses = _train(objs, 6, manager)
+        manager.finalize()
+        results[mode] = (losses, {k: v.clone() for k, v in objs.model.state_dict().items()})
+    assert results["sync"][0] == results["async"][0]
+    assert all(torch.equal(results["sync"][1][k], results["async"][1][k]) for k in results["sync"][1])
+
+    objs = make_objects(seed=5)  # different initial weights: everything must come from the checkpoint
+    state = CheckpointManager(_config(tmp_path / "async")).load(tmp_path / "async" / "step_3", **objs.as_kwargs())
+    assert state.step == 3
+    assert _train(objs, 3, start=3) == results["async"][0][3:]
+    assert all(torch.equal(v, results["async"][1][k]) for k, v in objs.model.state_dict().items())
+
+
+def test_twenty_async_saves_reuse_the_staging_buffer(tmp_path, make_objects):
+    """RSS does not grow after the second save: the staging buffer is refilled in place, never reallocated."""
+    objs = make_objects(hidden_size=256, intermediate_size=768, num_attention_heads=8)
+    state_bytes = sum(t.numel() * t.element_size() for t in objs.model.state_dict().values()) * 3  # weights + AdamW moments
+    manager = CheckpointManager(_config(tmp_path, async_save=True, keep_top_k=1, metric_name="step"))
+    sizes, rss = [], {}
+    batches = iter(objs.loader)
+    for step in range(1, 21):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(objs.loader)
+            batch = next(batches)
+        objs.train_step(batch)
+        manager.save(step, **objs.as_kwargs())
+        sizes.append(manager._async.buffer.nbytes())
+        if step in (2, 20):
+            manager._async.join()
+            rss[step] = _rss()
+    manager.finalize()
+    assert len(set(sizes)) == 1 and sizes[0] >= state_bytes * 0.95, (sizes[0], state_bytes)
+    growth = rss[20] - rss[2]
+    assert growth < state_bytes, f"RSS grew by {growth / 1e6:.1f} MB over 18 saves of {state_bytes / 1e6:.1f} MB state"
+    assert [row["step"] for row in manager.checkpoints()] == [20]
+    assert not any((tmp_path / ".incomplete").iterdir())
+
+
+def test_background_failure_surfaces_at_the_next_save_and_at_finalize(tmp_path, make_objects, monkeypatch):
+    objs = make_objects()
+    manager = CheckpointManager(_config(tmp_path, async_save=True))
+    _train(objs, 1, manager)
+    manager._async.join()  # step 1 is committed before the disk "fills up"
+    real = manager_module.write_optimizer_tensors
+
+    def disk_full(*args, **kwargs):
+        time.sleep(0.2)  # still running when save() returns: the failure can only surface later
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(manager_module, "write_optimizer_tensors", disk_full)
+    started = time.perf_counter()
+    path = manager.save(2, **objs.as_kwargs())
+    assert time.perf_counter() - started < 0.2, "save() must return before the background write finishes"
+    with pytest.raises(CheckpointSaveError, match=r"step 2 failed \(OSError.*No space left.*step_1"):
+        manager.save(3, **objs.as_kwargs())
+    assert not path.exists() and not any((tmp_path / ".incomplete").iterdir())
+    assert [row["step"] for row in manager.checkpoints()] == [1]
+    manager.save(3, **objs.as_kwargs())  # the failed step 3 call saved nothing; this one fails in the background too
+    with pytest.raises(CheckpointSaveError, match="step 3 failed"):
+        manager.finalize()
+    monkeypatch.setattr(manager_module, "write_optimizer_tensors", real)
+    manager.save(4, **objs.as_kwargs())
+    manager.finalize()
+    assert [row["step"] for row in manager.checkpoints()] == [1, 4]
+
+
+def test_resume_reads_tensor_files_once_and_still_refuses_damage_before_loading(tmp_path, make_objects, monkeypatch, caplog):
+    objs = make_objects()
+    manager = CheckpointManager(_config(tmp_path, async_save=True))
+    _train(objs, 2, manager)
+    manager.finalize()
+    hashed = []
+    real_sha = verify_module.sha256_file
+    monkeypatch.setattr(verify_module, "sha256_file", lambda path: hashed.append(Path(path)) or real_sha(path))
+    fresh = make_objects(seed=3)
+    assert CheckpointManager(_config(tmp_path)).resume(**fresh.as_kwargs()).step == 2
+    tensor_files = [p for p in hashed if p.suffix == ".safetensors" and p.parent.name in ("consolidated", "optim")]
+    assert not tensor_files, f"read twice (hashed, then loaded): {tensor_files}"
+    assert all(torch.equal(v, objs.model.state_dict()[k]) for k, v in fresh.model.state_dict().items())
+
+    # A flipped bit in step 2's optimizer file: refused before anything is loaded; auto resume falls back to step 1.
+    optim_file = tmp_path / "step_2" / "optim" / "model-00001-of-00001.safetensors"
+    data = bytearray(optim_file.read_bytes())
+    data[-5] ^= 0x40
+    optim_file.write_bytes(bytes(data))
+    target = make_objects(seed=4)
+    state = CheckpointManager(_config(tmp_path)).resume(**target.as_kwargs())
+    assert state.step == 1
+    assert "sha256 does not match" in caplog.text
+
+
+_CHILD = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from training_objects import make_training_objects
+    from hf_rl_ckpt import CheckpointConfig, CheckpointManager
+
+    ckpt, ready, delay = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    objs = make_training_objects()
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=ckpt, async_save=True))
+    batches = iter(objs.loader)
+    for step in range(1, 1000):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(objs.loader)
+            batch = next(batches)
+        objs.train_step(batch)
+        if step <= 3:
+            if step == 3 and delay != "0":
+                manager.finalize(terminate=False)  # step 2 is committed; only the step-3 write is held
+                os.environ["HF_RL_CKPT_ASYNC_TEST_PART_DELAY"] = delay  # the background write of step 3 stalls mid-way
+            manager.save(step, **objs.as_kwargs())
+            if step == 3:
+                ready.write_text("returned")  # save() is back; training goes on while step 3 is being written
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["sigkill-while-writing", "faultpoint-in-background-thread"])
+def test_crash_during_an_async_write_keeps_the_previous_checkpoint(tmp_path, make_objects, how):
+    script, ckpt, ready = tmp_path / "child.py", tmp_path / "ckpt", tmp_path / "ready"
+    script.write_text(_CHILD)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    env.pop(PART_DELAY_ENV, None)
+    if how == "faultpoint-in-background-thread":
+        env[FAULT_ENV] = "save.part_written@10"  # 4 parts per save: the 2nd part (optimizer) of step 3, in the writer thread
+    proc = subprocess.Popen([sys.executable, str(script), str(ckpt), str(ready), "60" if how.startswith("sigkill") else "0"], cwd=TESTS, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        if how.startswith("sigkill"):
+            while not (ready.exists() and ready.read_text() == "returned"):
+                assert proc.poll() is None and time.monotonic() < deadline, "child died or never reached step 3"
+                time.sleep(0.02)
+            time.sleep(0.3)  # training runs on; the step-3 write is held in flight by the test hook
+            assert (ckpt / ".incomplete" / "step_3").is_dir(), "the step-3 write should be in flight"
+            proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (ckpt / ".incomplete" / "step_3" / "model" / "consolidated").is_dir()
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == ["step_1", "step_2"]
+    objs = make_objects(seed=9)
+    manager = CheckpointManager(_config(ckpt))  # resume.mode defaults to auto
+    assert not any((ckpt / ".incomplete").iterdir()), "the interrupted write is cleaned on start"
+    state = manager.resume(**objs.as_kwargs())
+    assert state.step == 2
+    verify_checkpoint(ckpt / "step_2")

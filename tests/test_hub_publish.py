@@ -1,0 +1,318 @@
+"""Publishing to the Hub, through the REAL huggingface_hub client against the local HubServer.
+
+Every run here trains a tiny model for a few steps and saves with `CheckpointManager` (and
+once through the Trainer callback); the Hub side is asserted through the client as a user
+would see it: refs, trees, downloads, `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, RepoFile, hf_hub_download, snapshot_download
+from huggingface_hub import lfs as hf_lfs
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_rl_ckpt import CheckpointConfig, CheckpointManager, ConfigError, verify_checkpoint
+from hf_rl_ckpt.cli import main as cli_main
+from hf_rl_ckpt.hub import publish
+from hf_rl_ckpt.retention import RetentionPolicy
+from hf_rl_ckpt.testing import tiny
+from hf_rl_ckpt.testing.hub_server import HubServer, hub_env
+
+# huggingface_hub's own LFS PUT passes `data=<file>` to httpx2, which warns; not something under test here.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+
+REPO = "alice/tiny-rl-run"
+TOKEN = "hf_test_token_0123456789"
+REWARDS = [0.1, 0.5, 0.3, 0.9, 0.2]  # top-2: steps 4 and 2; step 3 enters the top-2 and leaves it again
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(publish, "DEFAULT_RETRY", publish.RetryPolicy(initial=0.01, factor=2.0, max_delay=0.05, attempts=5))
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[HubServer]:
+    with HubServer(tmp_path / "hub", tokens={TOKEN}) as srv, hub_env(srv, token=TOKEN, hf_home=tmp_path / "hf_home"):
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny.build_tokenizer()
+
+
+def hub_config(tmp_path: Path, **overrides) -> CheckpointConfig:
+    fields = dict(checkpoint_dir=str(tmp_path / "ckpt"), metric_name="val_reward", keep_top_k=2, push_to_hub=True, hub_model_id=REPO)
+    return CheckpointConfig(**{**fields, **overrides})
+
+
+class Loop:
+    """A plain training loop on the tiny model: one optimizer step, then a save, per evaluation."""
+
+    def __init__(self, manager: CheckpointManager, tokenizer, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.manager, self.tokenizer = manager, tokenizer
+        self.model = tiny.build_model("llama", seed=seed)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
+
+    def step_and_save(self, step: int, reward: float) -> None:
+        batch = torch.randint(0, self.model.config.vocab_size, (2, 8))
+        self.model(input_ids=batch, labels=batch).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.manager.save(step, model=self.model, optimizer=self.optimizer, metrics={"val_reward": reward}, tokenizer=self.tokenizer)
+
+
+def branches(api: HfApi) -> set[str]:
+    return {b.name for b in api.list_repo_refs(REPO).branches}
+
+
+def tree(api: HfApi, revision: str) -> dict[str, str]:
+    """path -> content hash (LFS sha256 or git blob id) of every file of a revision."""
+    return {
+        e.path: e.lfs.sha256 if e.lfs else e.blob_id
+        for e in api.list_repo_tree(REPO, revision=revision, recursive=True)
+        if isinstance(e, RepoFile)
+    }
+
+
+def hub_section(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "ckpt" / "checkpoints.json").read_text())["hub"]
+
+
+def lfs_puts(server: HubServer) -> list[str]:
+    return [r.path.rsplit("/", 1)[-1] for r in server.requests if r.method == "PUT"]
+
+
+def assert_published(api: HfApi, tmp_path: Path, best: int, others: list[int]) -> None:
+    """Exactly the top-k as branches, main == best file for file, and the registry agrees with the refs."""
+    assert branches(api) == {"main"} | {f"step-{s}" for s in [best, *others]}
+    assert tree(api, "main") == tree(api, f"step-{best}")
+    refs = {b.name: b.target_commit for b in api.list_repo_refs(REPO).branches}
+    hub = hub_section(tmp_path)
+    assert {int(k): (e["status"], e["commit"]) for k, e in hub["steps"].items()} == {
+        s: ("pushed", refs[f"step-{s}"]) for s in [best, *others]
+    }
+    assert hub["main"]["step"] == best and hub["main"]["commit"] == refs["main"]
+
+
+def test_push_to_hub_requires_a_repo_id() -> None:
+    with pytest.raises(ConfigError, match="hub_model_id"):
+        CheckpointConfig(push_to_hub=True)
+    with pytest.raises(ConfigError, match="hub_model_id 'a/b/c'"):
+        CheckpointConfig(push_to_hub=True, hub_model_id="a/b/c")
+
+
+def test_run_publishes_top_k_branches_and_best_on_main(server: HubServer, tmp_path: Path, tokenizer, monkeypatch) -> None:
+    hashed = []
+    monkeypatch.setattr(hf_lfs, "sha_fileobj", lambda fileobj, *a, **k: hashed.append(fileobj.name))
+    api = HfApi()
+    manager = CheckpointManager(hub_config(tmp_path))
+    loop = Loop(manager, tokenizer)
+    seen: dict[int, set[str]] = {}
+    for step, reward in enumerate(REWARDS, start=1):
+        loop.step_and_save(step, reward)
+        manager.finalize(terminate=False)  # wait for the queue, so every intermediate state is observable
+        seen[step] = branches(api)
+    manager.finalize()
+
+    assert seen[3] == {"main", "step-2", "step-3"}  # step 1 was evicted at step 3: its branch went with it
+    assert seen[4] == {"main", "step-4", "step-2"}  # step 3 left the top-2
+    assert seen[5] == seen[4]  # step 5 is kept locally (newest, for resume) but is not a top-2 serving candidate
+    assert_published(api, tmp_path, best=4, others=[2])
+
+    # Served as is: snapshot + from_pretrained, the same weights as the local checkpoint.
+    for step in (4, 2):
+        folder = Path(snapshot_download(REPO, revision=f"step-{step}"))
+        assert not (folder / "training_state").exists() and (folder / "tokenizer.json").is_file()
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        local = load_file(tmp_path / "ckpt" / f"step_{step}" / "model" / "consolidated" / "model.safetensors")
+        assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in local.items())
+        assert AutoTokenizer.from_pretrained(folder).decode(tokenizer("3 plus 4")["input_ids"]) == "3 plus 4"
+    direct = AutoModelForCausalLM.from_pretrained(REPO, revision="step-2")
+    assert torch.equal(direct.lm_head.weight, load_file(tmp_path / "ckpt/step_2/model/consolidated/model.safetensors")["lm_head.weight"])
+
+    # Weights went up once each (main reused the branches' LFS objects), hashed by the manifest, not re-read.
+    assert len(lfs_puts(server)) == len(set(lfs_puts(server))) == 4  # steps 1-4 were each pushed once
+    assert hashed == []
+
+    # The card on main parses, carries the metrics and names every retained branch.
+    card = ModelCard.load(REPO)
+    assert card.data.library_name == "transformers" and "hf_rl_ckpt" in card.data.tags
+    assert [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [("val_reward", 0.9)]
+    assert "`step-4` = `main`" in card.text and "`step-2`" in card.text and "step-3" not in card.text
+    assert 'vllm serve alice/tiny-rl-run --revision step-4' in card.text
+    branch_card = ModelCard.load(hf_hub_download(REPO, "README.md", revision="step-2"))
+    assert branch_card.data.eval_results[0].metric_value == 0.5 and "`step-4` = `main`" in branch_card.text
+
+
+class GatedHub(HubServer):
+    """Holds every commit request until `gate` opens: a Hub exactly as slow as the test needs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate, self.holding = threading.Event(), threading.Event()
+
+    def _respond(self, request):
+        if "/commit/" in request.path and not self.gate.is_set():
+            self.holding.set()
+            self.gate.wait(timeout=120)
+        return super()._respond(request)
+
+
+def test_server_errors_are_retried_while_training_goes_on(tmp_path: Path, tokenizer) -> None:
+    with GatedHub(tmp_path / "hub", tokens={TOKEN}) as server, hub_env(server, token=TOKEN, hf_home=tmp_path / "hf_home"):
+        server.fail_next(3, status=500, path_contains="/commit/")
+        manager = CheckpointManager(hub_config(tmp_path))
+        loop = Loop(manager, tokenizer)
+        loop.step_and_save(1, REWARDS[0])
+        assert server.holding.wait(timeout=60), "the worker never reached the commit"
+        for step, reward in enumerate(REWARDS[1:], start=2):
+            loop.step_and_save(step, reward)
+        # All saves returned while the worker's commit request was still in flight: none waited on the network.
+        assert not [r for r in server.requests if "/commit/" in r.path]
+        assert hub_section(tmp_path)["steps"]["4"]["status"] == "pending"
+
+        server.gate.set()
+        manager.finalize()
+
+        statuses = [r.status for r in server.requests if "/commit/" in r.path]
+        assert statuses[:4] == [500, 500, 500, 200] and set(statuses[4:]) == {200}
+        assert_published(HfApi(), tmp_path, best=4, others=[2])
+
+
+def test_auth_error_is_reported_once_and_training_continues(server: HubServer, tmp_path: Path, tokenizer, caplog) -> None:
+    manager = CheckpointManager(hub_config(tmp_path, hub_token="hf_revoked_token"))
+    loop = Loop(manager, tokenizer)
+    for step, reward in enumerate(REWARDS, start=1):
+        loop.step_and_save(step, reward)
+    manager.finalize()
+
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    message = errors[0].getMessage()
+    assert "HTTP 401" in message and "hub_token / HF_TOKEN" in message and f"write access to {REPO}" in message
+    assert "Training continues" in message and "hf_revoked_token" not in caplog.text
+    for step in (2, 4, 5):
+        verify_checkpoint(tmp_path / "ckpt" / f"step_{step}")
+    steps = hub_section(tmp_path)["steps"]
+    assert {"2", "4"} <= set(steps) and {e["status"] for e in steps.values()} == {"pending"}  # resumed at the next start
+    assert not HfApi().repo_exists(REPO)
+
+
+def test_restart_finishes_pending_pushes_and_never_writes_the_token(tmp_path: Path, tokenizer, caplog) -> None:
+    secret = "hf_secret_never_on_disk_42"
+    first = HubServer(tmp_path / "hub", tokens={secret}).start()
+    port = int(first.url.rsplit(":", 1)[1])
+    with hub_env(first, hf_home=tmp_path / "hf_home"):  # no HF_TOKEN: the token comes from the config only
+        first.stop()  # the Hub goes down before training starts
+        config = hub_config(tmp_path, hub_token=secret)
+        manager = CheckpointManager(config)
+        loop = Loop(manager, tokenizer)
+        for step, reward in enumerate(REWARDS, start=1):
+            loop.step_and_save(step, reward)
+        manager.finalize()
+        assert {e["status"] for e in hub_section(tmp_path)["steps"].values()} <= {"pending", "failed"}
+        del manager, loop  # the process ends with pushes pending
+
+        with HubServer(tmp_path / "hub", tokens={secret}, port=port):  # the Hub is back, at the same address
+            restarted = CheckpointManager(config)  # resume: the pending pushes start at once
+            restarted.finalize()
+            api = HfApi(token=secret)
+            assert_published(api, tmp_path, best=4, others=[2])
+            snapshot_download(REPO, revision="step-2", token=secret)  # fill the HF cache too, then scan it
+
+    written = [p for root in ("ckpt", "hf_home") for p in (tmp_path / root).rglob("*") if p.is_file()]
+    assert written and not [p for p in written if secret.encode() in p.read_bytes()]
+    assert secret not in caplog.text
+
+
+def test_training_state_and_kept_evicted_branches(server: HubServer, tmp_path: Path, tokenizer) -> None:
+    config = hub_config(tmp_path, keep_top_k=1, hub_keep_evicted=True, hub_push_training_state=True)
+    manager = CheckpointManager(config)
+    loop = Loop(manager, tokenizer)
+    loop.step_and_save(1, 0.2)
+    manager.finalize(terminate=False)
+    loop.step_and_save(2, 0.7)  # step 1 is evicted locally; its branch stays
+    manager.finalize()
+
+    api = HfApi()
+    assert branches(api) == {"main", "step-1", "step-2"} and not (tmp_path / "ckpt" / "step_1").exists()
+    assert hub_section(tmp_path)["steps"]["1"] == {**hub_section(tmp_path)["steps"]["1"], "status": "pushed", "evicted": True}
+    files = tree(api, "step-2")
+    manifest = verify_checkpoint(tmp_path / "ckpt" / "step_2")["manifest"]
+    state = {f"training_state/{rel}": entry["sha256"] for rel, entry in manifest.items() if not rel.startswith("model/") and rel != "README.md"}
+    assert set(state) | {"training_state/training_info.json", "model.safetensors", "README.md"} <= set(files)
+    assert files["training_state/rng/rank_0.safetensors"] == state["training_state/rng/rank_0.safetensors"]  # LFS oid = manifest sha256
+    assert tree(api, "main") == files
+
+
+def test_peft_adapter_is_published_at_the_repo_root(server: HubServer, tmp_path: Path, tokenizer) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model = get_peft_model(tiny.build_model("llama", seed=5), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight)
+    manager = CheckpointManager(hub_config(tmp_path, keep_top_k=None))
+    manager.save(3, model=model, metrics={"val_reward": 0.4}, tokenizer=tokenizer)
+    manager.finalize()
+
+    folder = Path(snapshot_download(REPO, revision="step-3"))
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    loaded = PeftModel.from_pretrained(tiny.build_model("llama", seed=5), folder)
+    batch = torch.tensor([[1, 17, 42, 99]])
+    assert torch.allclose(loaded(input_ids=batch).logits, model(input_ids=batch).logits)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "peft" and "AutoPeftModelForCausalLM" in card.text
+
+
+def test_push_command(server: HubServer, tmp_path: Path, tokenizer, capsys) -> None:
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), metric_name="val_reward"))
+    Loop(manager, tokenizer).step_and_save(7, 0.6)
+    ckpt = tmp_path / "ckpt" / "step_7"
+
+    assert cli_main(["push", str(ckpt), "--repo-id", REPO, "--revision", "step-7", "--private", "--include-training-state"]) == 0
+    assert f"pushed {ckpt} -> {REPO}@step-7" in capsys.readouterr().out
+    api = HfApi()
+    assert api.model_info(REPO).private and branches(api) == {"main", "step-7"}
+    assert {"model.safetensors", "README.md", "training_state/training_info.json"} <= set(tree(api, "step-7"))
+    assert 'revision="step-7"' in ModelCard.load(hf_hub_download(REPO, "README.md", revision="step-7")).text
+    assert cli_main(["push", str(ckpt), "--repo-id", REPO]) == 0 and "model.safetensors" in tree(api, "main")
+
+    assert cli_main(["push", str(tmp_path), "--repo-id", REPO]) == 2
+    server.set_auth_failure(True)
+    assert cli_main(["push", str(ckpt), "--repo-id", REPO]) == 1
+    assert "write access" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as shown:
+        cli_main(["push", "--help"])
+    assert shown.value.code == 0 and "--include-training-state" in capsys.readouterr().out
+
+
+def test_trainer_run_publishes_its_best_checkpoints(server: HubServer, tmp_path: Path, tokenizer) -> None:
+    from hf_rl_ckpt import CheckpointCallback
+    from transformers import Trainer, TrainingArguments
+
+    config = hub_config(tmp_path, metric_name="eval_loss", higher_is_better=False)
+    args = TrainingArguments(
+        str(tmp_path / "out"), max_steps=10, eval_strategy="steps", eval_steps=2, per_device_train_batch_size=2,
+        learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=tiny.build_model("llama", seed=1), args=args, processing_class=tokenizer, callbacks=[CheckpointCallback(config)],
+        train_dataset=tiny.toy_lm_dataset(tokenizer, n=16, seq_len=16), eval_dataset=tiny.toy_lm_dataset(tokenizer, n=4, seq_len=16, seed=2),
+    )
+    trainer.train()  # on_train_end finalizes: the queue is drained when train() returns
+
+    evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+    assert len(evals) == 5
+    best, second = RetentionPolicy(2, "eval_loss", higher_is_better=False).top_k(evals)
+    assert_published(HfApi(), tmp_path, best=best, others=[second])
