@@ -11,8 +11,10 @@ one optimizer step) and, alternating the order of the methods on every repeat, m
                  the default); also timed with `verify_on_resume: false` (sizes and headers
                  only, closer to what the Trainer checks, which is nothing) for reference.
 * ``ours_async`` the same with `async_save=True`: the *stall* (time `save()` blocks the
-                 training loop) and the *total* time until the checkpoint is committed.
-                 Its files are byte-identical to ``ours_sync``'s, so its resume is not timed again.
+                 training loop, plus the time the next optimizer step waits for the optimizer
+                 state to be staged; a real training step follows every save) and the *total*
+                 time until the checkpoint is committed. Its files are byte-identical to
+                 ``ours_sync``'s, so its resume is not timed again.
 
 Peak RSS during each save is the kernel's high-water mark (`VmHWM`, reset through
 `/proc/self/clear_refs` before the save; a 2 ms sampling thread where that is not allowed)
@@ -312,15 +314,37 @@ class Bench:
         self.record("ours_sync", **t)
         shutil.rmtree(root)
 
+    def _train_step(self) -> float:
+        """One training step (tiny batch); returns its seconds."""
+        sync_device(self.device)
+        started = time.perf_counter()
+        ids = torch.randint(0, VOCAB, (1, 16), device=self.device)
+        self.model(input_ids=ids, labels=ids).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sync_device(self.device)
+        return time.perf_counter() - started
+
     def _ours_async(self, step: int) -> None:
+        """Stall = time in save() + time the next optimizer step waited for the optimizer state to be staged.
+
+        As in a training loop, a training step follows the save (the optimizer state is copied
+        by the writer thread while that step's forward/backward run; its step() waits for the
+        copy if needed). `step_slowdown` is that step's time minus a step's time without a save
+        in flight (CPU and memory bandwidth shared with the writer thread).
+        """
         manager = self.async_manager
         t: dict[str, float] = {}
+        baseline = self._train_step()
         os.sync()
         peak = PeakRSS().start()
-        with timed(self.device, t, "stall"):
+        with timed(self.device, t, "stall_in_save"):
             path = manager.save(step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         stall_rss = peak.read()
-        started = time.perf_counter() - t["stall"]
+        started = time.perf_counter() - t["stall_in_save"]
+        t["step_slowdown"] = self._train_step() - baseline
+        t["step_wait"] = manager._async.step_waited
+        t["stall"] = t["stall_in_save"] + t["step_wait"]
         manager.finalize(terminate=False)  # waits until the background write is committed
         t["save"] = time.perf_counter() - started
         t["rss"] = max(stall_rss, peak.stop())
@@ -393,6 +417,9 @@ def table(results: dict[str, Any], disk_mbps: float) -> str:
                 f"{fmt(m['rss'] / res['state_bytes'], '6.2f')} {fmt(nbytes / save / 1e6 if save else None, '7.0f')} "
                 f"{fmt(nbytes / save / 1e6 / disk_mbps if save else None, '6.2f')}"
             )
+            if method == "ours_async" and m.get("stall_in_save") is not None:
+                lines.append(f"{'':>5} {'':<11} stall = {m['stall_in_save']:.3f}s in save() + {m['step_wait']:.3f}s next step() waiting; "
+                             f"next training step {m['step_slowdown']:+.3f}s vs. one without a save in flight")
             if method == "ours_sync" and m.get("resume_no_sha256") is not None:
                 nosha = m["resume_no_sha256"]
                 lines.append(f"{size:>5} {'(no sha256)':<11} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {nosha:9.2f} {nosha / tr['resume']:8.2f}")
@@ -414,6 +441,7 @@ def chart(results: dict[str, Any], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     sizes = list(results)
     x = [results[s]["params"] / 1e6 for s in sizes]
@@ -441,6 +469,9 @@ def chart(results: dict[str, Any], path: Path, title: str) -> None:
         ax.set_ylabel("seconds (median)")
         ax.set_title(what)
         ax.set_xticks(x, [f"{v:.0f}M" for v in x])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)

@@ -1,6 +1,6 @@
 """A plain training loop with FSDP2 (`fully_shard`) and `CheckpointManager`, on CPU with the gloo backend.
 
-    torchrun --nproc_per_node 2 examples/fsdp_custom_loop.py --output-dir runs/fsdp
+    torchrun --standalone --nproc_per_node 2 examples/fsdp_custom_loop.py --output-dir runs/fsdp
     python examples/fsdp_custom_loop.py --output-dir runs/fsdp        # world size 1, no launcher needed
 
 Offline (a tiny model is built locally), in a few seconds. Every rank calls `manager.save`

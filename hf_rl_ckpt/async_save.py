@@ -7,8 +7,11 @@ A save is split in two (see `CheckpointManager.save`):
    fresh tensors, and the model and optimizer tensors into a *reusable staging buffer*
    (`StagingBuffer`: host copies keyed by tensor name, allocated on the first save and
    refilled in place by later ones while shapes match, a plain memcpy for a CPU model, a
-   copy into pinned memory for a GPU one). A synchronous save skips the copy
-   and writes straight from the live tensors, so it holds no second copy of the model.
+   copy into pinned memory for a GPU one). The optimizer state, which only
+   `optimizer.step()` changes, is copied by the background thread instead, while the loop
+   runs the next forward and backward; a step pre-hook holds the next `step()` until that
+   copy is done (`DeferredCopy`). A synchronous save skips the copies and writes straight
+   from the live tensors, so it holds no second copy of the model.
 2. **Write + commit** (one background thread, `AsyncCheckpointWriter`). The parts are written
    with the streaming writers (hashed while written, fsynced), the manifest is built from
    those digests and the checkpoint is renamed into place, exactly as a synchronous save
@@ -32,23 +35,22 @@ the training thread before the rest goes to the background.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import random
 import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, Callable, Iterator, Mapping
 
-import numpy as np
 import torch
 
 from .atomic import atomic_write_json
-from .errors import CheckpointError, CheckpointSaveError
-from .state import jsoncodec
+from .errors import CheckpointSaveError
 
 logger = logging.getLogger("hf_rl_ckpt")
 
@@ -59,51 +61,8 @@ RANK_TIMEOUT_ENV = "HF_RL_CKPT_ASYNC_RANK_TIMEOUT"
 DEFAULT_RANK_TIMEOUT = 1800.0
 #: Test hook: seconds the background writer sleeps after each part, to hold a write in flight.
 PART_DELAY_ENV = "HF_RL_CKPT_ASYNC_TEST_PART_DELAY"
-
-
-# ---------------------------------------------------------------- capture (training thread)
-def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """This process's RNG streams as `state.rng.save_rng` stores them: (tensors, header metadata).
-
-    Captured when `save` is called; the file is written later from these values, so an
-    async save records the RNG exactly where the training loop was, not where it is by the
-    time the background thread writes.
-    """
-    py_version, py_state, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    tensors = {
-        "python": torch.tensor(py_state, dtype=torch.int64),
-        "numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
-        "torch_cpu": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{index}"] = state
-    metadata = {
-        "python_version": str(py_version),
-        "python_gauss_next": repr(py_gauss),
-        "numpy_kind": str(np_kind),
-        "numpy_pos": str(np_pos),
-        "numpy_has_gauss": str(np_has_gauss),
-        "numpy_cached_gaussian": repr(float(np_gauss)),
-    }
-    return tensors, metadata
-
-
-def capture_scheduler(scheduler: Any) -> bytes:
-    """The scheduler's state as the JSON `state.scheduler.save_scheduler` writes."""
-    return jsoncodec.dumps(scheduler.state_dict(), "scheduler")
-
-
-def capture_dataloader(dataloader: Any) -> bytes:
-    """The dataloader position as the JSON `state.dataloader.save_dataloader` writes."""
-    if not (hasattr(dataloader, "state_dict") and hasattr(dataloader, "load_state_dict")):
-        raise CheckpointError(
-            f"cannot save the position of a {type(dataloader).__name__}: it has no state_dict(). "
-            "Wrap it: `loader = hf_rl_ckpt.ResumableDataLoader(loader)` (or use torchdata's StatefulDataLoader), "
-            "or pass dataloader=None to skip saving the data position."
-        )
-    return jsoncodec.dumps(dataloader.state_dict(), "dataloader")
+#: "0" copies the optimizer state inside `save` instead of before the optimizer's next step (see `DeferredCopy`).
+DEFER_ENV = "HF_RL_CKPT_ASYNC_DEFER_OPTIMIZER"
 
 
 # ---------------------------------------------------------------- parts
@@ -116,16 +75,57 @@ class SavePart:
     tensors it reads: a synchronous save writes them directly; an async save first swaps
     them for host copies in the staging buffer (`StagingBuffer.stage`), after which the
     originals may change. `background=False` marks a part that runs collectives or reads
-    live objects: it always runs in the training thread.
+    live objects: it always runs in the training thread. `written_by_step` names the
+    optimizer whose `step()` is the only thing that changes `tensors` (its state): an async
+    save may then copy them on the background thread, before that optimizer's next step,
+    instead of in the training thread (see `DeferredCopy`). `after_others` marks a part that
+    reads what the other parts wrote (the model card): it is never run alongside them.
     """
 
     name: str
     write: Callable[..., Digests]
     tensors: Mapping[str, torch.Tensor] | None = None
     background: bool = True
+    written_by_step: Any = None
+    after_others: bool = False
 
     def run(self) -> Digests:
         return self.write(self.tensors) if self.tensors is not None else self.write()
+
+
+def run_parts(parts: list[SavePart], *, concurrently: bool) -> Iterator[tuple[Digests, Exception | None]]:
+    """Run the parts' writes; yield (digests, error) for each, in order.
+
+    `concurrently`: the parts are written at once, on threads (hashing and file writes
+    release the GIL, so a single process uses several cores), then the `after_others` parts;
+    nothing is reported before all have finished, so the clean-up of a failure never races
+    a writer. Otherwise each part runs only when the caller asks for the next result (the
+    caller checks every rank between parts, and parts may run collectives).
+    """
+    together = [part for part in parts if not part.after_others]
+    if not concurrently or len(together) < 2:
+        for part in parts:
+            try:
+                yield part.run(), None
+            except Exception as err:
+                yield {}, err
+        return
+    results: dict[int, tuple[Digests, Exception | None]] = {}
+    with ThreadPoolExecutor(len(together), thread_name_prefix="hf_rl_ckpt-part") as pool:
+        futures = {id(part): pool.submit(part.run) for part in together}
+        wait(futures.values())
+    for key, future in futures.items():
+        error = future.exception()
+        if error is not None and not isinstance(error, Exception):
+            raise error
+        results[key] = ({} if error is not None else future.result()), error
+    for part in parts:
+        if part.after_others:
+            try:
+                results[id(part)] = part.run(), None
+            except Exception as err:
+                results[id(part)] = {}, err
+        yield results[id(part)]
 
 
 class StagingBuffer:
@@ -146,40 +146,115 @@ class StagingBuffer:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+        self._buffers: dict[str, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()
 
-    def stage(self, parts: list[SavePart]) -> None:
-        """Replace the `tensors` of `parts` by their host copies."""
-        fresh: dict[tuple[int, str], torch.Tensor] = {}
+    def stage(self, parts: list[SavePart], *, stream: Any = None) -> None:
+        """Replace the `tensors` of `parts` by their host copies (GPU copies on `stream` when given)."""
         devices = set()
-        with torch.no_grad():
-            for index, part in enumerate(parts):
+        with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+            for part in parts:
                 if not part.tensors:
                     continue
+                with self._lock:
+                    previous = self._buffers.get(part.name, {})
                 staged = {}
                 for name, tensor in part.tensors.items():
-                    key = (index, name)
                     source = tensor.detach()
                     on_gpu = source.device.type == "cuda"
-                    buffer = self._buffers.get(key)
+                    buffer = previous.get(name)
                     if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype or buffer.is_pinned() != on_gpu:
                         buffer = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=on_gpu)
                     buffer.copy_(source, non_blocking=on_gpu)
                     if on_gpu:
                         devices.add(source.device)
-                    fresh[key] = staged[name] = buffer
+                    staged[name] = buffer
                 part.tensors = staged
-        for device in devices:
-            torch.cuda.synchronize(device)
-        self._buffers = fresh
+                with self._lock:
+                    self._buffers[part.name] = staged  # names no longer saved are dropped with the old dict
+        if stream is not None:
+            stream.synchronize()
+        else:
+            for device in devices:
+                torch.cuda.synchronize(device)
+
+    def retain(self, names: set[str]) -> None:
+        """Drop the copies of parts not in `names` (parts this save no longer has)."""
+        with self._lock:
+            self._buffers = {name: tensors for name, tensors in self._buffers.items() if name in names}
 
     def nbytes(self) -> int:
         """Bytes held by the buffer (the host copies kept for the next save)."""
-        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+        with self._lock:
+            return sum(t.numel() * t.element_size() for tensors in self._buffers.values() for t in tensors.values())
 
     def close(self) -> None:
         """Free the host copies (a later `stage` allocates them again)."""
-        self._buffers = {}
+        with self._lock:
+            self._buffers = {}
+
+
+def _hookable(optimizer: Any) -> Any | None:
+    """The torch optimizer whose `step()` runs step pre-hooks (unwrapping e.g. Accelerate's), or None."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer) or not isinstance(getattr(optimizer, "_optimizer_step_pre_hooks", None), dict):
+        return None
+    if any(group.get("capturable") for group in optimizer.param_groups):  # CUDA-graph replays of step() skip Python hooks
+        return None
+    return optimizer
+
+
+class DeferredCopy:
+    """Stage a part's optimizer state on the background thread, before that optimizer's next `step()`.
+
+    Between a `save` call and the next `optimizer.step()` the training loop runs forward and
+    backward, which do not touch the optimizer's state (`step()` is its only writer). So
+    instead of copying the state in the training thread, the background thread copies it
+    first thing, while the loop computes, and a step pre-hook makes the next `step()` wait
+    until the copy is done (usually it already is: the copy takes a memcpy of the state,
+    forward and backward take longer). The model weights are still copied inside `save`:
+    other code than the optimizer may write them (weight syncs, merges, EMA swaps).
+    Set `HF_RL_CKPT_ASYNC_DEFER_OPTIMIZER=0` to copy the optimizer state inside `save` too,
+    for loops that change optimizer state outside `step()`.
+    """
+
+    def __init__(self, part: SavePart, optimizer: torch.optim.Optimizer) -> None:
+        self.part = part
+        self.done = threading.Event()
+        self.waited = 0.0  # seconds the training loop's step() waited for this copy
+        self._events = []
+        for device in {t.device for t in (part.tensors or {}).values() if t.device.type == "cuda"}:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))  # the state as of this call, whatever is still queued
+            self._events.append((device, event))
+        self._handle = optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.done.is_set():
+            started = time.perf_counter()
+            self.done.wait()
+            self.waited += time.perf_counter() - started
+
+    def run(self, buffer: StagingBuffer) -> None:
+        """Background thread: copy the part's tensors into `buffer`, then release the optimizer's step."""
+        try:
+            stream = None
+            for device, event in self._events:
+                stream = torch.cuda.Stream(device)
+                stream.wait_event(event)
+            buffer.stage([self.part], stream=stream if len(self._events) == 1 else None)
+        finally:
+            self.done.set()
+
+    def remove(self) -> None:
+        """Training thread: unregister the hook (never from inside a step, whose hook loop it would disturb)."""
+        self.done.set()
+        self._handle.remove()
+
+
+def defer_enabled() -> bool:
+    return os.environ.get(DEFER_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 # ---------------------------------------------------------------- background thread
@@ -195,6 +270,26 @@ class AsyncCheckpointWriter:
         self._thread: threading.Thread | None = None
         self._failure: tuple[int, BaseException] | None = None
         self._step: int | None = None
+        self._deferred: list[DeferredCopy] = []
+
+    def stage(self, parts: list[SavePart]) -> list[DeferredCopy]:
+        """Training thread: copy the parts' tensors into the buffer now, except optimizer state that
+        can be copied by the background thread before the optimizer's next step (returned; run them first)."""
+        later = []
+        for part in parts:
+            optimizer = _hookable(part.written_by_step) if part.tensors and defer_enabled() else None
+            if optimizer is not None:
+                later.append(DeferredCopy(part, optimizer))
+        deferred_parts = {id(copy.part) for copy in later}
+        self.buffer.retain({part.name for part in parts if part.tensors})
+        self.buffer.stage([part for part in parts if id(part) not in deferred_parts])
+        self._deferred = later
+        return later
+
+    @property
+    def step_waited(self) -> float:
+        """Seconds the last save's deferred copies held up an optimizer step (0 when they were done in time)."""
+        return sum(copy.waited for copy in self._deferred)
 
     @property
     def busy(self) -> bool:
@@ -202,7 +297,10 @@ class AsyncCheckpointWriter:
         return self._thread is not None and self._thread.is_alive()
 
     def submit(self, step: int, job: Callable[[], None]) -> None:
-        """Start `job` (write + commit of `step`) on the background thread; the previous one must be drained."""
+        """Start `job` (write + commit of `step`) on the background thread; the previous one must be drained.
+
+        `job` must run the deferred copies returned by `stage` before anything else.
+        """
         if self._thread is not None:
             raise RuntimeError("an async save is still pending; wait() for it first")
         self._step = step
@@ -216,6 +314,9 @@ class AsyncCheckpointWriter:
             logger.error("the background save of step %d failed: %s: %s (raised again at the next save() or finalize())",
                          step, type(err).__name__, err)
             self._failure = (step, err)
+        finally:
+            for copy in self._deferred:
+                copy.done.set()  # never leave an optimizer step waiting, whatever happened
 
     def wait(self) -> tuple[int, BaseException] | None:
         """Wait for the save in flight (if any); return (step, error) of a failed one, once, else None."""
@@ -225,6 +326,8 @@ class AsyncCheckpointWriter:
                 self._thread.join()
                 logger.info("waited %.2fs for the background save of step %s", time.perf_counter() - started, self._step)
             self._thread = None
+        for copy in self._deferred:
+            copy.remove()
         failure, self._failure = self._failure, None
         return failure
 

@@ -45,8 +45,13 @@ def _human_size(size: int) -> str:
     return f"{value:.1f} TB"
 
 
-def _format_metrics(metrics: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items())) or "-"
+def _format_metrics(metrics: dict[str, Any], first: str | None = None, limit: int | None = None) -> str:
+    """`k=v` pairs, the ranking metric `first`; with `limit`, at most that many (Trainer runs log dozens)."""
+    names = sorted(metrics, key=lambda name: (name != first, name))
+    shown = [f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}" for k in names[:limit]]
+    if limit is not None and len(names) > limit:
+        shown.append(f"+{len(names) - limit} more")
+    return ", ".join(shown) or "-"
 
 
 def list_rows(directory: Path, checksums: bool = False) -> list[dict[str, Any]]:
@@ -78,10 +83,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no committed checkpoints in {directory}")
         return EXIT_OK
+    metric_name = Registry(CheckpointLayout.of_run(directory)).read().get("metric_name")
     table = [("step", "metrics", "top-k", "size", "status")]
     for row in rows:
         rank = row.get("top_k_rank")
-        table.append((str(row["step"]), _format_metrics(row.get("metrics") or {}), str(rank) if rank else "-",
+        table.append((str(row["step"]), _format_metrics(row.get("metrics") or {}, metric_name, limit=3), str(rank) if rank else "-",
                       _human_size(row.get("size_bytes", 0)), row["status"]))
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for index, line in enumerate(table):

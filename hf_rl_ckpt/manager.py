@@ -9,13 +9,13 @@ leaves either the old set of checkpoints or the old set plus one whole new check
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import logging
 import os
 import shutil
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from . import distributed
-from .atomic import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_tree, write_bytes
+from .atomic import atomic_write_json, fsync_dir, fsync_tree, write_bytes
 from .config import CheckpointConfig, parse_duration, parse_size, redact_secrets
 from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSaveError, CorruptCheckpointError, StateMismatchError
 from .faultpoint import faultpoint
@@ -56,18 +56,16 @@ from .async_save import (
     RankMarkers,
     SavePart,
     background_failure,
-    capture_dataloader,
-    capture_rng,
-    capture_scheduler,
     hold_for_tests,
+    run_parts,
 )
-from .state.dataloader import load_dataloader
+from .state.dataloader import capture_dataloader, load_dataloader
 from .state.model import deduplicated_state_dict, load_consolidated, save_consolidated, save_hf_metadata, save_weights, unwrap_model
 from .state.optim import capture_optimizer, load_optimizer, write_optimizer_dcp, write_optimizer_tensors
 from .state.peft import is_peft_model, load_adapter, save_adapter
-from .state.rng import load_rng
+from .state.rng import capture_rng, load_rng
 from .state.safetensors_io import tensors_from_buffer, write_safetensors
-from .state.scheduler import load_scheduler
+from .state.scheduler import capture_scheduler, load_scheduler
 from .state.sharded import is_sharded, load_sharded, save_sharded
 from .verify import available_memory, build_manifest, read_training_info, read_verified, verify_checkpoint
 from .weight_sync import publish
@@ -208,7 +206,7 @@ class BaseCheckpointManager:
         """
         path = self.layout.step_dir(step) if step is not None else self.latest()
         if path is None or not (path / TRAINING_INFO).is_file():
-            raise CheckpointNotFoundError(f"no committed checkpoint {'for step ' + str(step) if step is not None else ''} in {self.layout.root}")
+            raise CheckpointNotFoundError(f"no committed checkpoint{f' for step {step}' if step is not None else ''} in {self.layout.root}")
         return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path / CONSOLIDATED_DIR
 
     def _metric_values(self, rows: list[dict[str, Any]]) -> dict[int, float | None]:
@@ -279,7 +277,6 @@ class CheckpointManager(BaseCheckpointManager):
         super().__init__(config)
         self.training_config = dict(training_config or {})
         self._max_shard_size = parse_size(config.max_shard_size)
-        self._registry_lock = threading.Lock()  # checkpoints.json is rewritten by commits and by the Hub publisher's thread
         self._publisher: HubPublisher | None = None
         self._lock = DirectoryLock(self.layout.root)
         self._async = AsyncCheckpointWriter()  # async_save: the staging buffer and the background write + commit
@@ -293,7 +290,7 @@ class CheckpointManager(BaseCheckpointManager):
                 logger.warning("%s: resuming works, saving will fail", err)
             self._recover()
             if config.push_to_hub and not self.read_only:  # publishing records its progress in checkpoints.json
-                self._publisher = HubPublisher(config, self.registry, self._registry_lock)
+                self._publisher = HubPublisher(config, self.registry)
                 self._publisher.enqueue()  # finish what an earlier process left pending
         distributed.barrier()
 
@@ -391,15 +388,10 @@ class CheckpointManager(BaseCheckpointManager):
         self._raise_if_any_rank_failed(step, staging, error)
         in_background = self.config.async_save
         digests: dict[str, tuple[int, str]] = {}
-        for save_part in parts:
-            if in_background and save_part.background:
-                continue
-            part, error = {}, None
-            try:
-                part = save_part.run()
-            except Exception as err:  # reported to every rank below, then re-raised with the rank named
-                error = err
-            self._raise_if_any_rank_failed(step, staging, error)
+        here = [save_part for save_part in parts if not (in_background and save_part.background)]
+        # A single process writes the parts concurrently (hashing on several cores); ranks of a job one by one.
+        for part, error in run_parts(here, concurrently=not distributed.is_distributed()):
+            self._raise_if_any_rank_failed(step, staging, error)  # a failure is reported to every rank, then re-raised with the rank named
             digests.update(part)
             faultpoint("save.part_written")
         if in_background:
@@ -443,13 +435,14 @@ class CheckpointManager(BaseCheckpointManager):
             self._model_part(staging, model, tokenizer, extra_files),
             self._optimizer_part(staging, model, optimizer),
             self._rank_state_part(staging, scheduler, dataloader),
-            SavePart("model card", lambda: self._write_card_part(staging, step, metrics)),
+            SavePart("model card", lambda: self._write_card_part(staging, step, metrics), after_others=True),  # reads config.yaml, config.json
         ]
 
     def _model_part(self, staging: Path, model, tokenizer, extra_files) -> SavePart:
         """The weights: per-rank shards (every rank) + consolidated folder for a sharded model, else rank 0's folder."""
         inner = unwrap_model(model)
         rank0 = distributed.rank() == 0
+        extra_files = dict(extra_files)  # as of this call (an async save writes them later)
 
         def write_extra_files() -> dict[str, tuple[int, str]]:
             return {name: write_bytes(safe_join(staging, name), data) for name, data in extra_files.items()} if rank0 else {}
@@ -487,7 +480,8 @@ class CheckpointManager(BaseCheckpointManager):
             if distributed.rank() != 0:
                 return SavePart("optimizer", _nothing)
             return SavePart(
-                "optimizer", lambda tensors: _prefixed(OPTIM_DIR, write_optimizer_tensors(tensors, snapshot.rest, out)), tensors=snapshot.tensors
+                "optimizer", lambda tensors: _prefixed(OPTIM_DIR, write_optimizer_tensors(tensors, snapshot.rest, out)),
+                tensors=snapshot.tensors, written_by_step=optimizer,
             )
         return SavePart("optimizer", lambda: _prefixed(OPTIM_DIR, write_optimizer_dcp(snapshot, out)), background=False)  # collective
 
@@ -524,24 +518,29 @@ class CheckpointManager(BaseCheckpointManager):
     ) -> Path:
         """`async_save`, training thread: copy the parts' tensors into the staging buffer, then hand write + commit to the thread."""
         markers = RankMarkers(staging)
-        error = None
+        error, deferred = None, []
         try:
             if distributed.rank() == 0:
                 markers.reset()
-            self._async.buffer.stage(parts)
+            deferred = self._async.stage(parts)  # optimizer state: copied by the thread before the optimizer's next step
         except Exception as err:  # reported to every rank below, then re-raised with the rank named
             error = err
         self._raise_if_any_rank_failed(step, staging, error)
-        self._async.submit(step, lambda: self._write_and_commit(step, staging, parts, digests, markers, metrics, epoch, extra_state, model, started))
+        extra_state = copy.deepcopy(dict(extra_state or {}))  # as of this call: the caller may change it while we write
+        self._async.submit(
+            step, lambda: self._write_and_commit(step, staging, parts, digests, markers, metrics, epoch, extra_state, model, started, deferred)
+        )
         logger.info("async save of step %d staged in %.3fs (%.1f MB buffered); writing and committing in the background",
                     step, time.perf_counter() - started, self._async.buffer.nbytes() / 1e6)
         return self.layout.step_dir(step)
 
-    def _write_and_commit(self, step, staging, parts, digests, markers: RankMarkers, metrics, epoch, extra_state, model, started) -> None:
+    def _write_and_commit(self, step, staging, parts, digests, markers: RankMarkers, metrics, epoch, extra_state, model, started, deferred=()) -> None:
         """`async_save`, background thread: write the staged parts; rank 0 commits once every rank reported. No collectives."""
         rank, world = distributed.rank(), distributed.world_size()
         error = None
         try:
+            for deferred_copy in deferred:  # first: the training loop's next optimizer step waits for these
+                deferred_copy.run(self._async.buffer)
             for save_part in parts:
                 digests.update(save_part.run())
                 faultpoint("save.part_written")
@@ -605,7 +604,7 @@ class CheckpointManager(BaseCheckpointManager):
             staging, step=step, metrics=metrics, leaderboard=board, local_path=self.layout.step_dir(step),
             repo_id=self.config.hub_model_id if publishing else None, revision=branch_for(step) if publishing else None,
         )
-        return {MODEL_CARD: atomic_write_bytes(staging / MODEL_CARD, str(card).encode())}
+        return {MODEL_CARD: write_bytes(staging / MODEL_CARD, str(card).encode())}  # sealed by the commit's fsync_tree
 
     def _write_model(self, model: torch.nn.Module, out_dir: Path, tokenizer: Any | None) -> dict[str, tuple[int, str]]:
         """The deployable weights folder of `model` (see `model_dir_for`); digests by file name."""
@@ -705,7 +704,7 @@ class CheckpointManager(BaseCheckpointManager):
         fsync_dir(self.layout.incomplete_root)
         faultpoint("commit.after_rename")
         try:
-            with self._registry_lock:
+            with self.registry.lock:
                 data = self.registry.read()
                 data["checkpoints"] = [row for row in data["checkpoints"] if row.get("step") != step]
                 data["checkpoints"].append(record_from_training_info(step, final.name, info))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 from .atomic import atomic_write_json
@@ -25,11 +26,13 @@ class Registry:
     """Read and atomically rewrite `<checkpoint_dir>/checkpoints.json`.
 
     Other modules may keep their own top-level sections in the file (e.g. `hub`); the
-    registry preserves keys it does not own.
+    registry preserves keys it does not own. Writers in several threads of one process (a
+    commit, the Hub publisher's worker) hold `lock` around each read-modify-write.
     """
 
     def __init__(self, layout: CheckpointLayout) -> None:
         self.layout = layout
+        self.lock = threading.RLock()
 
     def read(self) -> dict[str, Any]:
         path = self.layout.registry_path
@@ -65,6 +68,10 @@ class Registry:
         Rows whose directory is gone are dropped; committed directories without a row are
         indexed from their `training_info.json`. Nothing is written when they agree.
         """
+        with self.lock:
+            return self._reconcile()
+
+    def _reconcile(self) -> dict[str, Any]:
         data = self.read()
         committed = self.layout.committed_steps()
         rows = {row["step"]: row for row in data["checkpoints"] if isinstance(row, dict) and isinstance(row.get("step"), int)}

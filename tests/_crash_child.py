@@ -37,13 +37,9 @@ def main() -> None:
     manager = CheckpointManager(CheckpointConfig(checkpoint_dir=ckpt_dir, keep_top_k=2, metric_name="step"))
     state = manager.resume(**objs.as_kwargs())
     step = state.step if state else 0
-    batches = iter(objs.loader)
+    batches = objs.endless_batches()
     while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(objs.loader)
-            batch = next(batches)
+        batch = next(batches)
         objs.train_step(batch)
         step += 1
         loader = HangingLoaderState(objs.loader, ready) if hang and step == 3 else objs.loader

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import hf_rl_ckpt.async_save as async_save
 import hf_rl_ckpt.manager as manager_module
 import hf_rl_ckpt.verify as verify_module
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, verify_checkpoint
@@ -24,6 +25,7 @@ from hf_rl_ckpt.async_save import PART_DELAY_ENV
 from hf_rl_ckpt.errors import CheckpointSaveError
 from hf_rl_ckpt.faultpoint import ENV_VAR as FAULT_ENV
 from hf_rl_ckpt.layout import TRAINING_INFO
+from hf_rl_ckpt.state.optim import capture_optimizer
 
 TESTS = Path(__file__).parent
 
@@ -35,13 +37,9 @@ def _config(ckpt: Path, **overrides) -> CheckpointConfig:
 def _train(objs, steps: int, manager: CheckpointManager | None = None, start: int = 0) -> list[float]:
     """`steps` training steps from step `start`, saving after each one when a manager is given."""
     losses = []
-    batches = iter(objs.loader)
+    batches = objs.endless_batches()
     for step in range(start + 1, start + steps + 1):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(objs.loader)
-            batch = next(batches)
+        batch = next(batches)
         losses.append(objs.train_step(batch))
         if manager is not None:
             manager.save(step, **objs.as_kwargs(), metrics={"loss": losses[-1]}, extra_state={"step": step})
@@ -117,18 +115,14 @@ def test_twenty_async_saves_reuse_the_staging_buffer(tmp_path, make_objects):
     state_bytes = sum(t.numel() * t.element_size() for t in objs.model.state_dict().values()) * 3  # weights + AdamW moments
     manager = CheckpointManager(_config(tmp_path, async_save=True, keep_top_k=1, metric_name="step"))
     sizes, rss = [], {}
-    batches = iter(objs.loader)
+    batches = objs.endless_batches()
     for step in range(1, 21):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(objs.loader)
-            batch = next(batches)
+        batch = next(batches)
         objs.train_step(batch)
         manager.save(step, **objs.as_kwargs())
+        manager._async.join()  # the optimizer state is staged by the background thread
         sizes.append(manager._async.buffer.nbytes())
         if step in (2, 20):
-            manager._async.join()
             rss[step] = _rss()
     manager.finalize()
     assert len(set(sizes)) == 1 and sizes[0] >= state_bytes * 0.95, (sizes[0], state_bytes)
@@ -166,6 +160,48 @@ def test_background_failure_surfaces_at_the_next_save_and_at_finalize(tmp_path, 
     assert [row["step"] for row in manager.checkpoints()] == [1, 4]
 
 
+def test_optimizer_state_copied_in_the_background_is_the_state_as_of_save(tmp_path, make_objects, monkeypatch):
+    """The optimizer state is staged by the writer thread; an optimizer step right after save() waits for that copy."""
+    objs = make_objects()
+    manager = CheckpointManager(_config(tmp_path, async_save=True))
+    _train(objs, 1)
+    before = {k: v.clone() for k, v in capture_optimizer(objs.model, objs.optimizer).tensors.items()}
+    real_run = async_save.DeferredCopy.run
+
+    def slow_run(self, buffer):
+        time.sleep(0.5)  # the copy is still running when the training loop reaches its next step
+        real_run(self, buffer)
+
+    monkeypatch.setattr(async_save.DeferredCopy, "run", slow_run)
+    path = manager.save(1, **objs.as_kwargs())
+    started = time.perf_counter()
+    objs.train_step(next(iter(objs.loader)))  # forward, backward, then step(): held until the state is staged
+    assert time.perf_counter() - started >= 0.4 and manager._async.step_waited > 0.2
+    manager.finalize()
+    restored = make_objects(seed=1)
+    CheckpointManager(_config(tmp_path)).load(path, **restored.as_kwargs())
+    after_load = capture_optimizer(restored.model, restored.optimizer).tensors
+    assert before.keys() == after_load.keys() and all(torch.equal(before[k], after_load[k]) for k in before)
+    assert not all(torch.equal(before[k], v) for k, v in capture_optimizer(objs.model, objs.optimizer).tensors.items())
+
+
+def test_async_save_records_the_state_as_of_the_call(tmp_path, make_objects):
+    """What the caller changes after save() returns (loop counters, the optimizer's lr) is not what gets written."""
+    objs = make_objects()
+    manager = CheckpointManager(_config(tmp_path, async_save=True))
+    _train(objs, 1)
+    extra = {"counters": {"episodes": 7}}
+    path = manager.save(1, **objs.as_kwargs(), extra_state=extra)
+    extra["counters"]["episodes"] = 8
+    objs.scheduler.step()
+    manager.finalize()
+    assert json.loads((path / TRAINING_INFO).read_text())["extra"] == {"counters": {"episodes": 7}}
+    fresh = make_objects(seed=2)
+    state = CheckpointManager(_config(tmp_path)).load(path, **fresh.as_kwargs())
+    assert state.extra == {"counters": {"episodes": 7}}
+    assert fresh.scheduler.last_epoch == objs.scheduler.last_epoch - 1
+
+
 def test_resume_reads_tensor_files_once_and_still_refuses_damage_before_loading(tmp_path, make_objects, monkeypatch, caplog):
     objs = make_objects()
     manager = CheckpointManager(_config(tmp_path, async_save=True))
@@ -201,13 +237,9 @@ _CHILD = textwrap.dedent(
     ckpt, ready, delay = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     objs = make_training_objects()
     manager = CheckpointManager(CheckpointConfig(checkpoint_dir=ckpt, async_save=True))
-    batches = iter(objs.loader)
+    batches = objs.endless_batches()
     for step in range(1, 1000):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(objs.loader)
-            batch = next(batches)
+        batch = next(batches)
         objs.train_step(batch)
         if step <= 3:
             if step == 3 and delay != "0":

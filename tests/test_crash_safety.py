@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -55,21 +54,6 @@ def test_sigkill_inside_a_save_keeps_previous_checkpoint(tmp_path, make_objects)
     assert (ckpt / ".incomplete" / "step_3").is_dir(), "the kill should have hit the step-3 save in flight"
     assert [row["step"] for row in list_rows(ckpt)] == [1, 2], "no half checkpoint may be listed"
     assert _assert_newest_resumes(ckpt, make_objects, at_least=2) == 2
-
-
-@pytest.mark.slow
-def test_sigkill_at_random_moments(tmp_path, make_objects):
-    rng = random.Random(7)
-    ckpt, ready = tmp_path / "ckpt", tmp_path / "ready"
-    committed = 0
-    for trial in range(6):
-        ready.unlink(missing_ok=True)
-        proc = _spawn(ckpt, ready)
-        _wait_for(ready, proc, lambda text: text.isdigit())
-        time.sleep(rng.uniform(0.0, 0.4))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        committed = _assert_newest_resumes(ckpt, make_objects, at_least=committed)
 
 
 def test_bit_flip_and_truncation_are_caught(tmp_path, make_objects, caplog):

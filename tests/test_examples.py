@@ -3,7 +3,8 @@
 Each example runs as its own process (a fresh interpreter, as from the shell) with small step
 counts; what it wrote is then checked through the library's own readers: the registry rows
 (what `hf-rl-ckpt list` prints) and a full re-hash of every checkpoint (`hf-rl-ckpt verify`).
-`examples/demo.py` is the README's first command and is not repeated here.
+`examples/demo.py` is the README's first command (the main job); it is run here too, so a
+broken demo fails the suite rather than a newcomer's first try.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from hf_rl_ckpt.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from dist_helpers import free_port  # noqa: E402
 
 
 def run(*command: str, timeout: float = 240) -> str:
@@ -85,8 +84,8 @@ def test_grpo_trl(tmp_path: Path) -> None:
 def test_fsdp_custom_loop_saves_at_world_size_2_and_resumes_at_1(tmp_path: Path) -> None:
     script = str(EXAMPLES / "fsdp_custom_loop.py")
     common = ["--output-dir", str(tmp_path), "--max-steps", "4", "--save-every", "2"]
-    run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), script, *common, "--stop-at", "2")
+    # --standalone: torchrun binds a free port itself (no race with other jobs for a port picked beforehand).
+    run(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *common, "--stop-at", "2")
     shards = sorted(p.name for p in (tmp_path / "step_2" / "model" / "sharded").iterdir() if p.suffix == ".safetensors")
     assert len(shards) == 2, shards  # one slice per rank
     output = run(sys.executable, script, *common)  # a plain `python` run: world size 1, no launcher
@@ -105,3 +104,11 @@ def test_accelerate_train_single_process(tmp_path: Path) -> None:
     output = example("accelerate_train.py", "--cpu", "--output-dir", str(tmp_path), "--max-steps", "4", "--save-every", "2")
     assert "starting fresh" in output
     assert set(verified_rows(tmp_path)) == {2, 4}
+
+
+def test_demo_main_job(tmp_path: Path) -> None:
+    output = run(sys.executable, str(EXAMPLES / "demo.py"), "--output-dir", str(tmp_path))
+    assert "resumed from" in output and "step 12" in output, output[-3000:]
+    assert "3) serve the best checkpoint" in output and "done in" in output
+    rows = verified_rows(tmp_path / "ckpt")
+    assert 30 in rows and sorted(r["top_k_rank"] for r in rows.values() if r["top_k_rank"]) == [1, 2]

@@ -65,27 +65,22 @@ def _seed_everything(seed: int = 0) -> None:
 def test_resumed_training_continues_identically(tmp_path, make_objects):
     _seed_everything()
     reference = make_objects()
-    ref_losses = [reference.train_step(batch) for _, batch in zip(range(10), _endless(reference.loader))]
+    ref_losses = [reference.train_step(batch) for _, batch in zip(range(10), reference.endless_batches())]
 
     _seed_everything()
     first = make_objects()
     manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path)))
-    batches = _endless(first.loader)
+    batches = first.endless_batches()
     losses = [first.train_step(next(batches)) for _ in range(7)]  # crosses an epoch boundary (6 batches/epoch)
     manager.save(7, **first.as_kwargs())
 
     _seed_everything(99)
     second = make_objects(seed=5)
     CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path))).resume(**second.as_kwargs())
-    batches = _endless(second.loader)
+    batches = second.endless_batches()
     losses += [second.train_step(next(batches)) for _ in range(3)]
     assert losses == ref_losses
     _assert_same_state(reference, second)
-
-
-def _endless(loader):
-    while True:
-        yield from loader
 
 
 def test_checkpoint_loads_without_unpickling(tmp_path, make_objects, monkeypatch):

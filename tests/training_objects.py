@@ -5,6 +5,7 @@ A module of its own (not conftest.py) so that child processes and test files can
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,6 +24,11 @@ class TrainingObjects:
 
     def as_kwargs(self) -> dict[str, Any]:
         return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, dataloader=self.loader)
+
+    def endless_batches(self) -> Iterator[torch.Tensor]:
+        """Batches across epoch boundaries, each epoch a fresh pass of the resumable loader."""
+        while True:
+            yield from self.loader
 
     def train_step(self, batch: torch.Tensor) -> float:
         loss = self.model(input_ids=batch, labels=batch).loss

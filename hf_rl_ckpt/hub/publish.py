@@ -336,18 +336,18 @@ class HubPublisher:
     """Mirrors a run's leaderboard to its Hub repo from a worker thread (rank 0 only).
 
     The manager owns it: `enqueue()` after each commit, `drain()` at the end of training.
-    `registry_lock` is the lock the manager holds while it rewrites checkpoints.json, so
-    the publisher's updates of the `hub` section never interleave with a commit's.
+    Its updates of the `hub` section of checkpoints.json hold `registry.lock`, as a commit's
+    update does, so the two never interleave.
 
     ```python
-    publisher = HubPublisher(config, registry, registry_lock)
+    publisher = HubPublisher(config, registry)
     publisher.enqueue()      # after a commit: returns at once
     publisher.drain()        # end of training: wait, with a progress bar
     publisher.stop()
     ```
     """
 
-    def __init__(self, config: CheckpointConfig, registry: Registry, registry_lock: threading.Lock) -> None:
+    def __init__(self, config: CheckpointConfig, registry: Registry) -> None:
         if not config.hub_model_id:
             raise CheckpointError("HubPublisher needs config.hub_model_id")
         self.config = config
@@ -356,7 +356,6 @@ class HubPublisher:
         self.policy = RetentionPolicy(config.keep_top_k, config.metric_name, config.higher_is_better)
         api = HfApi(endpoint=config.hub_endpoint, token=config.hub_token, library_name="hf_rl_ckpt")
         self.repo = HubRepo(api, self.repo_id, DEFAULT_RETRY)
-        self._registry_lock = registry_lock
         self._cond = threading.Condition()
         self._requested = False
         self._busy = False
@@ -424,7 +423,7 @@ class HubPublisher:
         """One reconciling pass: push out-of-date branches (best first), move main, delete evicted branches."""
         if self._auth_failed:
             return
-        with self._registry_lock:
+        with self.registry.lock:
             data = self.registry.read()
         actions = self._plan(data["checkpoints"], self._hub_section(data))
         with self._cond:
@@ -523,7 +522,7 @@ class HubPublisher:
 
     def _update_hub(self, change: Callable[[dict[str, Any], list[dict[str, Any]]], object]) -> None:
         """Read-modify-write the `hub` section under the registry lock (the registry keeps sections it does not own)."""
-        with self._registry_lock:
+        with self.registry.lock:
             data = self.registry.read()
             hub = self._hub_section(data)
             before = json.dumps(data.get("hub"), sort_keys=True)
@@ -555,7 +554,7 @@ class HubPublisher:
         self._update_hub(mark)
 
     def _report_unpublished(self) -> None:
-        with self._registry_lock:
+        with self.registry.lock:
             data = self.registry.read()
         steps = self._hub_section(data)["steps"]
         board = Leaderboard.from_rows(data["checkpoints"], self.policy)

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_bytes
 from ..errors import CheckpointError, CorruptCheckpointError
 from . import jsoncodec
 
@@ -121,16 +120,15 @@ class ResumableDataLoader:
         self._resume_pending = True
 
 
-def save_dataloader(dataloader: Any, path: str | os.PathLike) -> tuple[int, str]:
-    """Write a stateful dataloader's `state_dict()` as JSON."""
+def capture_dataloader(dataloader: Any) -> bytes:
+    """A stateful dataloader's position as the JSON bytes of `dataloader/rank_<r>.json`, captured now."""
     if not (hasattr(dataloader, "state_dict") and hasattr(dataloader, "load_state_dict")):
         raise CheckpointError(
             f"cannot save the position of a {type(dataloader).__name__}: it has no state_dict(). "
             "Wrap it: `loader = hf_rl_ckpt.ResumableDataLoader(loader)` (or use torchdata's StatefulDataLoader), "
             "or pass dataloader=None to skip saving the data position."
         )
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return atomic_write_bytes(path, jsoncodec.dumps(dataloader.state_dict(), "dataloader"))
+    return jsoncodec.dumps(dataloader.state_dict(), "dataloader")
 
 
 def load_dataloader(dataloader: Any, path: str | os.PathLike) -> None:

@@ -16,13 +16,17 @@ import torch
 from safetensors import safe_open
 
 from ..errors import CorruptCheckpointError
-from .safetensors_io import check_safetensors_header, write_safetensors
+from .safetensors_io import check_safetensors_header
 
 logger = logging.getLogger(__name__)
 
 
-def save_rng(path: str | os.PathLike) -> tuple[int, str]:
-    """Capture the current RNG states of this process into `path`."""
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This process's RNG streams as (tensors, safetensors header metadata), captured now.
+
+    The file is written later from these values (by `write_safetensors`, maybe from the
+    async writer's thread), so it records the RNG exactly where the training loop was.
+    """
     py_version, py_state, py_gauss = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     tensors = {
@@ -41,11 +45,11 @@ def save_rng(path: str | os.PathLike) -> tuple[int, str]:
         "numpy_has_gauss": str(np_has_gauss),
         "numpy_cached_gaussian": repr(float(np_gauss)),
     }
-    return write_safetensors(path, tensors, metadata)
+    return tensors, metadata
 
 
 def load_rng(path: str | os.PathLike) -> None:
-    """Restore the RNG states saved by `save_rng`."""
+    """Restore the RNG states captured by `capture_rng` (and written with `write_safetensors`)."""
     try:
         check_safetensors_header(path)
         with safe_open(os.fspath(path), framework="pt") as fh:

@@ -6,13 +6,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_bytes
 from ..errors import CorruptCheckpointError
 from . import jsoncodec
 
 
-def save_scheduler(scheduler: Any, path: str | os.PathLike) -> tuple[int, str]:
-    return atomic_write_bytes(path, jsoncodec.dumps(scheduler.state_dict(), "scheduler"))
+def capture_scheduler(scheduler: Any) -> bytes:
+    """The scheduler's state as the JSON bytes of `scheduler.json`, captured now (written later, maybe by another thread)."""
+    return jsoncodec.dumps(scheduler.state_dict(), "scheduler")
 
 
 def load_scheduler(scheduler: Any, path: str | os.PathLike) -> None:
