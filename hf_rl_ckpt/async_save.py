@@ -291,11 +291,6 @@ class AsyncCheckpointWriter:
         """Seconds the last save's deferred copies held up an optimizer step (0 when they were done in time)."""
         return sum(copy.waited for copy in self._deferred)
 
-    @property
-    def busy(self) -> bool:
-        """True while a background save is still running."""
-        return self._thread is not None and self._thread.is_alive()
-
     def submit(self, step: int, job: Callable[[], None]) -> None:
         """Start `job` (write + commit of `step`) on the background thread; the previous one must be drained.
 

@@ -18,7 +18,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-CHUNK = 8 * 1024 * 1024
 #: Size of the pieces that the pipelined writer and reader hand between hashing and I/O.
 PIPELINE_CHUNK = 16 * 1024 * 1024
 

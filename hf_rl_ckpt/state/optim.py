@@ -36,14 +36,13 @@ from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
 from .. import distributed
-from ..atomic import atomic_write_bytes, fsync_tree, write_bytes
+from ..atomic import atomic_write_bytes, write_bytes
 from ..errors import CorruptCheckpointError, StateMismatchError
 from . import jsoncodec
 from .safetensors_io import write_safetensors
 
 NON_TENSOR_STATE = "non_tensor_state.json"
-#: The names DCP's `HuggingFaceStorageWriter` gives a rank-0 (non-distributed) save: the first file and the index.
-TENSORS_FILE = "model-00001-of-00001.safetensors"
+#: The index name DCP's `HuggingFaceStorageWriter` gives a rank-0 (non-distributed) save.
 TENSORS_INDEX = "model.safetensors.index.json"
 #: Largest optimizer tensor file written by `write_optimizer_tensors` (several files are written and hashed in parallel).
 OPTIM_FILE_SIZE = 512 << 20
@@ -168,20 +167,6 @@ def write_optimizer_dcp(snapshot: OptimizerSnapshot, out_dir: str | os.PathLike)
     if distributed.rank() == 0:
         return {NON_TENSOR_STATE: atomic_write_bytes(out_dir / NON_TENSOR_STATE, snapshot.rest)}
     return {}
-
-
-def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, out_dir: str | os.PathLike) -> FileDigests:
-    """Write the optimizer state of `model`'s parameters to `out_dir` (collective across ranks); digests by file name.
-
-    A single process streams it (`write_optimizer_tensors`); a distributed job writes through
-    DCP (see `CheckpointManager`, which lets rank 0 stream replicated DDP state instead).
-    """
-    snapshot = capture_optimizer(model, optimizer)
-    if not distributed.is_distributed() and snapshot.plain:
-        digests = write_optimizer_tensors(snapshot.tensors, snapshot.rest, out_dir)
-        fsync_tree(out_dir)
-        return digests
-    return write_optimizer_dcp(snapshot, out_dir)
 
 
 class _PreloadedReader(HuggingFaceStorageReader):
