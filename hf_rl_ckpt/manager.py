@@ -905,10 +905,27 @@ class CheckpointManager(BaseCheckpointManager):
         return names
 
     def _load_training_state(self, path: Path, info: dict[str, Any], model, optimizer, scheduler, dataloader, preloaded=None) -> None:
-        manifest = info["manifest"]
+        self.load_optimizer_state(path, model=model, optimizer=optimizer, scheduler=scheduler, preloaded=preloaded)
         rank = distributed.rank()
+        if dataloader is not None and self.config.resume.resume_dataloader:
+            if dataloader_file(rank) in info["manifest"]:
+                load_dataloader(dataloader, path / dataloader_file(rank))
+            else:
+                logger.warning("%s has no data position for rank %d (saved without a dataloader, or converted); the data order starts afresh", path, rank)
+        self.load_rng_state(path)
+
+    def load_optimizer_state(
+        self, path: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any | None = None,
+        preloaded: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Restore optimizer and scheduler state from a checkpoint already verified by `load`.
+
+        A step of `load`, public for integrations whose framework restores the pieces of its
+        state at different moments (the Trainer's resume path, see `CheckpointCallback`).
+        """
+        path = Path(path)
         if optimizer is not None:
-            if not any(name.startswith(OPTIM_DIR + "/") for name in manifest):
+            if not (path / OPTIM_DIR).is_dir():
                 raise CheckpointError(
                     f"{path} has no optimizer state (saved with save_optimizer: false); pass optimizer=None "
                     "or set resume.load_weight_only: true to start with a fresh optimizer"
@@ -916,15 +933,15 @@ class CheckpointManager(BaseCheckpointManager):
             load_optimizer(unwrap_model(model), optimizer, path / OPTIM_DIR, preloaded=preloaded)
         if scheduler is not None:
             load_scheduler(scheduler, path / SCHEDULER_JSON)
-        if dataloader is not None and self.config.resume.resume_dataloader:
-            if dataloader_file(rank) in manifest:
-                load_dataloader(dataloader, path / dataloader_file(rank))
-            else:
-                logger.warning("%s has no data position for rank %d (saved without a dataloader, or converted); the data order starts afresh", path, rank)
-        if rng_file(rank) in manifest:
-            load_rng(path / rng_file(rank))
+
+    def load_rng_state(self, path: str | os.PathLike) -> None:
+        """Restore this rank's RNG streams from a checkpoint (a step of `load`, public like `load_optimizer_state`)."""
+        rank = distributed.rank()
+        file = Path(path) / rng_file(rank)
+        if file.is_file():
+            load_rng(file)
         else:
-            logger.warning("%s has no RNG state for rank %d (saved with world size %s); RNG streams not restored", path, rank, info.get("world_size"))
+            logger.warning("%s has no RNG state for rank %d (saved with another world size); RNG streams not restored", path, rank)
 
     # ============================================================= lifecycle
     def finalize(self, terminate: bool = True) -> None:

@@ -54,15 +54,11 @@ from typing import Any, Mapping
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from .. import distributed
 from ..config import STEP_METRIC, CheckpointConfig
 from ..errors import CheckpointError
-from ..layout import OPTIM_DIR, SCHEDULER_JSON, TRAINING_INFO, rng_file
+from ..layout import TRAINING_INFO
 from ..manager import CheckpointManager, create_manager
 from ..state.model import unwrap_model
-from ..state.optim import load_optimizer
-from ..state.rng import load_rng
-from ..state.scheduler import load_scheduler
 
 logger = logging.getLogger("hf_rl_ckpt")
 
@@ -207,20 +203,10 @@ class CheckpointCallback(TrainerCallback):
 
     def _load_optimizer_and_scheduler(self, path: Path) -> None:
         trainer = self._trainer
-        if not (path / OPTIM_DIR).is_dir():
-            raise CheckpointError(
-                f"{path} has no optimizer state (saved with save_optimizer: false), so the run cannot continue exactly; "
-                "set resume.load_weight_only: true to start a new run from its weights"
-            )
-        load_optimizer(unwrap_model(trainer.model), _inner_optimizer(trainer.optimizer), path / OPTIM_DIR)
-        load_scheduler(trainer.lr_scheduler, path / SCHEDULER_JSON)
+        self.manager.load_optimizer_state(path, model=trainer.model, optimizer=_inner_optimizer(trainer.optimizer), scheduler=trainer.lr_scheduler)
 
     def _load_rng_state(self, path: Path) -> None:
-        file = path / rng_file(distributed.rank())
-        if file.is_file():
-            load_rng(file)
-        else:
-            logger.warning("%s has no RNG state for rank %d (saved with another world size); RNG streams not restored", path, distributed.rank())
+        self.manager.load_rng_state(path)
 
     # ------------------------------------------------------------ events
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
