@@ -21,7 +21,7 @@ from huggingface_hub.utils import tqdm
 from .atomic import fsync_dir, fsync_tree
 from .config import parse_size
 from .errors import CheckpointError
-from .layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR
+from .layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, deployable_dir
 from .state.model import save_consolidated
 from .state.peft import load_merged_model
 from .verify import verify_checkpoint
@@ -74,9 +74,8 @@ def _copy_with_progress(source: Path, target: Path) -> None:
 
 
 def _model_folder(checkpoint: Path) -> Path:
-    for relpath in (CONSOLIDATED_DIR, ADAPTER_DIR):
-        if (checkpoint / relpath).is_dir():
-            return checkpoint / relpath
+    if (folder := deployable_dir(checkpoint)) is not None:
+        return checkpoint / folder
     raise CheckpointError(f"{checkpoint} holds no model folder ({CONSOLIDATED_DIR}/ or {ADAPTER_DIR}/); it was saved without weights")
 
 

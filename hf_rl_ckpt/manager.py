@@ -46,6 +46,7 @@ from .layout import (
     TRAINING_INFO,
     CheckpointLayout,
     dataloader_file,
+    deployable_dir,
     rng_file,
     safe_join,
 )
@@ -207,7 +208,7 @@ class BaseCheckpointManager:
         path = self.layout.step_dir(step) if step is not None else self.latest()
         if path is None or not (path / TRAINING_INFO).is_file():
             raise CheckpointNotFoundError(f"no committed checkpoint{f' for step {step}' if step is not None else ''} in {self.layout.root}")
-        return path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path / CONSOLIDATED_DIR
+        return path / (deployable_dir(path) or CONSOLIDATED_DIR)
 
     def _metric_values(self, rows: list[dict[str, Any]]) -> dict[int, float | None]:
         return {row["step"]: metric_value(row.get("metrics"), self.config.metric_name, row["step"]) for row in rows}

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from ..atomic import sha256_file
 from ..config import CheckpointConfig
 from ..errors import CheckpointError, CorruptCheckpointError
-from ..layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, MODEL_CARD, TRAINING_INFO, safe_join
+from ..layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, MODEL_CARD, TRAINING_INFO, deployable_dir, safe_join
 from ..registry import Registry
 from ..retention import RetentionPolicy
 from ..verify import read_training_info, verify_checkpoint
@@ -146,7 +146,7 @@ def checkpoint_files(ckpt_dir: str | Path, *, include_training_state: bool = Fal
     """
     ckpt_dir = Path(ckpt_dir)
     manifest: Mapping[str, Mapping[str, Any]] = read_training_info(ckpt_dir)["manifest"]
-    folder = next((d for d in (ADAPTER_DIR, CONSOLIDATED_DIR) if any(rel.startswith(d + "/") for rel in manifest)), None)
+    folder = deployable_dir(ckpt_dir)
     if folder is None:
         raise CheckpointError(
             f"{ckpt_dir} has no {CONSOLIDATED_DIR}/ or {ADAPTER_DIR}/ to serve from the Hub "
