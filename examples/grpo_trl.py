@@ -21,7 +21,7 @@ import datasets
 from trl import GRPOConfig, GRPOTrainer
 
 from hf_rl_ckpt import CheckpointCallback, CheckpointConfig
-from hf_rl_ckpt.testing.tiny import build_model, build_tokenizer, toy_prompt_dataset
+from hf_rl_ckpt.testing.tiny import build_model, build_tokenizer, exact_cpu_args, toy_prompt_dataset
 
 
 def answer_reward(completions: list[str], answer: list[str], **kwargs: object) -> list[float]:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
             max_steps=args.max_steps, learning_rate=1e-3,
             per_device_train_batch_size=4, num_generations=4, max_completion_length=8,  # 1 prompt x 4 completions a step
             save_strategy="no",  # the callback writes the checkpoints; the Trainer's own (pickled) ones are not needed
-            use_cpu=True, bf16=False, gradient_checkpointing=False,  # TRL defaults both on; off for exact, fast CPU runs
+            **exact_cpu_args(),  # TRL defaults bf16 and activation checkpointing on; off for exact, fast CPU runs
             logging_steps=1, report_to="none", disable_tqdm=True, seed=0,
         ),
         processing_class=build_tokenizer(),  # saved into every checkpoint, so each one is deployable as is

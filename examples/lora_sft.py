@@ -27,7 +27,7 @@ from trl import SFTConfig, SFTTrainer
 
 from hf_rl_ckpt import CheckpointCallback, CheckpointConfig
 from hf_rl_ckpt.cli import main as hf_rl_ckpt_cli
-from hf_rl_ckpt.testing.tiny import build_model, build_tokenizer, toy_text_dataset
+from hf_rl_ckpt.testing.tiny import build_model, build_tokenizer, exact_cpu_args, toy_text_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             max_steps=args.max_steps, per_device_train_batch_size=4, learning_rate=1e-2, max_length=32,
             eval_strategy="steps", eval_steps=args.save_every,  # each evaluation gives the checkpoint of that step its eval_loss
             save_strategy="no",  # the callback writes the checkpoints; the Trainer's own (pickled) ones are not needed
-            use_cpu=True, bf16=False, gradient_checkpointing=False,  # TRL defaults both on; off for exact, fast CPU runs
+            **exact_cpu_args(),  # TRL defaults bf16 and activation checkpointing on; off for exact, fast CPU runs
             logging_steps=args.save_every, report_to="none", disable_tqdm=True, seed=0,
         ),
         processing_class=AutoTokenizer.from_pretrained(base),

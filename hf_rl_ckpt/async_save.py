@@ -51,6 +51,7 @@ import torch
 
 from .atomic import atomic_write_json
 from .errors import CheckpointSaveError
+from .shims import runs_step_pre_hooks
 
 logger = logging.getLogger("hf_rl_ckpt")
 
@@ -198,7 +199,7 @@ def _hookable(optimizer: Any) -> Any | None:
     """The torch optimizer whose `step()` runs step pre-hooks (unwrapping e.g. Accelerate's), or None."""
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer) or not isinstance(getattr(optimizer, "_optimizer_step_pre_hooks", None), dict):
+    if not runs_step_pre_hooks(optimizer):
         return None
     if any(group.get("capturable") for group in optimizer.param_groups):  # CUDA-graph replays of step() skip Python hooks
         return None

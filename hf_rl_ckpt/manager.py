@@ -73,24 +73,45 @@ from .weight_sync import publish
 
 logger = logging.getLogger("hf_rl_ckpt")
 
-PROTOCOL_METHODS = ("save", "load", "should_save", "should_load", "finalize")
 _REPLACED_PREFIX = "replaced-"
 _EVICTED_PREFIX = "evicted-"
 
 
 @runtime_checkable
 class CheckpointManagerProtocol(Protocol):
-    """The surface integrations use; a custom `checkpoint_manager_class` must provide it."""
+    """Exactly what the integrations call on a manager; a custom `checkpoint_manager_class` must provide all of it.
+
+    `CheckpointCallback` calls every member (the Trainer's resume path restores weights,
+    optimizer and RNG at different moments); `register_checkpointing` needs a
+    `CheckpointManager` subclass, since Accelerate's hooks also use its layout.
+    """
 
     def save(self, step: int, **state: Any) -> Path | None: ...
 
     def load(self, path: str | os.PathLike, **state: Any) -> "ResumeState": ...
 
+    def resume(self, *, model: torch.nn.Module, mode: str | None = None, **state: Any) -> "ResumeState | None": ...
+
+    def load_optimizer_state(self, path: str | os.PathLike, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None) -> None: ...
+
+    def load_rng_state(self, path: str | os.PathLike) -> None: ...
+
+    def sync_weights(self, step: int, *, model: torch.nn.Module, tokenizer: Any | None = None) -> Path | None: ...
+
     def should_save(self, step: int) -> bool: ...
 
     def should_load(self) -> bool: ...
 
+    def latest(self) -> Path | None: ...
+
+    @property
+    def deadline_reached(self) -> bool: ...
+
     def finalize(self, terminate: bool = True) -> None: ...
+
+
+#: The members of `CheckpointManagerProtocol`, checked on a `checkpoint_manager_class` when it is loaded.
+PROTOCOL_MEMBERS = tuple(name for name in vars(CheckpointManagerProtocol) if not name.startswith("_"))
 
 
 @dataclass
@@ -745,14 +766,15 @@ class CheckpointManager(BaseCheckpointManager):
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: Any | None = None,
         dataloader: Any | None = None,
+        mode: str | None = None,
     ) -> ResumeState | None:
-        """Resume according to `config.resume`; None means a fresh start.
+        """Resume according to `config.resume` (or `mode`, when given); None means a fresh start.
 
         `auto` picks the newest complete checkpoint; if it fails verification it falls back
         to the previous one with a warning naming the problem (`resume.on_corrupt: error`
         raises instead). `from_path` loads `resume.resume_path` and fails if it is missing.
         """
-        mode = self.config.resume.mode
+        mode = mode or self.config.resume.mode
         if not self.config.enabled or mode == "disable":
             logger.info("resume.mode=%s: starting fresh", mode if self.config.enabled else "disabled checkpointing")
             return None
@@ -974,11 +996,12 @@ def load_manager_class(dotted: str) -> type:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as err:
         raise CheckpointError(f"checkpoint_manager_class {dotted!r} cannot be imported: {err}") from err
-    missing = [name for name in PROTOCOL_METHODS if not callable(getattr(cls, name, None))]
+    missing = [name for name in PROTOCOL_MEMBERS if not hasattr(cls, name)]
     if missing:
         raise TypeError(
             f"checkpoint_manager_class {dotted!r} does not implement the checkpoint manager protocol: "
-            f"missing method(s) {', '.join(missing)} (needs {', '.join(PROTOCOL_METHODS)})"
+            f"missing {', '.join(missing)} (needs {', '.join(PROTOCOL_MEMBERS)}; subclassing "
+            "hf_rl_ckpt.CheckpointManager provides them all)"
         )
     return cls
 

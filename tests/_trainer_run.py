@@ -39,9 +39,9 @@ COMMON_ARGS = dict(
     logging_steps=1,
     save_strategy="no",
     report_to="none",
-    use_cpu=True,
     seed=7,
     disable_tqdm=True,
+    **tiny.exact_cpu_args(),
 )
 
 
@@ -123,8 +123,8 @@ def build_trainer(spec: dict[str, Any]) -> Trainer:
         from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(
-            out, max_steps=spec.get("max_steps", 6), gradient_accumulation_steps=2, max_length=24, bf16=False,
-            gradient_checkpointing=False, **COMMON_ARGS,
+            out, max_steps=spec.get("max_steps", 6), gradient_accumulation_steps=2, max_length=24,
+            **COMMON_ARGS,
         )
         return SFTTrainer(
             model=tiny.build_model("qwen2", seed=2, dropout=DROPOUT), args=args, processing_class=tok, callbacks=callbacks,
@@ -134,8 +134,8 @@ def build_trainer(spec: dict[str, Any]) -> Trainer:
         from trl import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(
-            out, max_steps=spec.get("max_steps", 4), num_generations=2, max_completion_length=6, bf16=False,
-            gradient_checkpointing=False, **COMMON_ARGS,
+            out, max_steps=spec.get("max_steps", 4), num_generations=2, max_completion_length=6,
+            **COMMON_ARGS,
         )
         return GRPOTrainer(
             model=tiny.build_model("llama", seed=4), args=args, processing_class=tok, callbacks=callbacks,

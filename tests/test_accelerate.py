@@ -167,3 +167,15 @@ def test_save_state_step_naming_and_guards(tmp_path):
     handle.remove()
     with pytest.raises(CheckpointError, match="already"):
         register_checkpointing(acc, CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt")))
+
+
+def test_accelerate_release_without_a_hooked_internal_fails_at_registration(tmp_path, monkeypatch):
+    import accelerate
+    from accelerate.data_loader import DataLoaderShard
+
+    owner = next(cls for cls in DataLoaderShard.__mro__ if "_update_state_dict" in vars(cls))
+    monkeypatch.delattr(owner, "_update_state_dict")  # what a release that renamed it would look like
+    with pytest.raises(CheckpointError) as raised:
+        start_run(tmp_path / "ckpt")
+    message = str(raised.value)
+    assert "DataLoaderShard._update_state_dict" in message and f"accelerate {accelerate.__version__}" in message

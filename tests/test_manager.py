@@ -13,11 +13,13 @@ import torch
 from hf_rl_ckpt import (
     CheckpointConfig,
     CheckpointManager,
+    CheckpointManagerProtocol,
     CheckpointNotFoundError,
     CheckpointSaveError,
     StateMismatchError,
     create_manager,
 )
+from hf_rl_ckpt.manager import PROTOCOL_MEMBERS
 from hf_rl_ckpt.testing.tiny import build_model
 
 
@@ -189,8 +191,30 @@ def test_other_architecture_is_refused_naming_keys(tmp_path, make_objects):
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items()), "a refused load must not modify the model"
 
 
-class GoodManager:
-    def __init__(self, config):
+def _delegate(name):
+    def method(self, *args, **kwargs):
+        self.calls.append(name)
+        return getattr(self.inner, name)(*args, **kwargs)
+
+    return method
+
+
+def _delegating_init(self, config, **kwargs):
+    self.inner, self.calls = CheckpointManager(config, **kwargs), []
+
+
+#: A custom manager with exactly the protocol's members, by delegation (not a CheckpointManager subclass).
+ProtocolOnlyManager = type(
+    "ProtocolOnlyManager", (),
+    {"__init__": _delegating_init, "deadline_reached": property(lambda self: self.inner.deadline_reached),
+     **{name: _delegate(name) for name in PROTOCOL_MEMBERS if name != "deadline_reached"}},
+)
+
+
+class OldProtocolManager:
+    """What the protocol used to ask for: five methods. The Trainer integration also calls resume, load_rng_state, ..."""
+
+    def __init__(self, config, **kwargs):
         self.config = config
 
     def save(self, step, **state):
@@ -209,16 +233,9 @@ class GoodManager:
         return None
 
 
-class IncompleteManager:
-    def __init__(self, config):
-        self.config = config
-
-    def save(self, step, **state):
-        return None
-
-
-def test_custom_manager_class_is_loaded_and_checked():
-    manager = create_manager(CheckpointConfig(checkpoint_manager_class=f"{__name__}.GoodManager"))
-    assert isinstance(manager, GoodManager)
-    with pytest.raises(TypeError, match=r"missing method\(s\) load, should_save, should_load, finalize"):
-        create_manager(CheckpointConfig(checkpoint_manager_class=f"{__name__}.IncompleteManager"))
+def test_custom_manager_class_is_loaded_and_checked(tmp_path):
+    manager = create_manager(CheckpointConfig(checkpoint_dir=str(tmp_path), checkpoint_manager_class=f"{__name__}.ProtocolOnlyManager"))
+    assert isinstance(manager, ProtocolOnlyManager) and isinstance(manager, CheckpointManagerProtocol)
+    missing = "resume, load_optimizer_state, load_rng_state, sync_weights, latest, deadline_reached"
+    with pytest.raises(TypeError, match=f"missing {missing} "):
+        create_manager(CheckpointConfig(checkpoint_manager_class=f"{__name__}.OldProtocolManager"))

@@ -39,13 +39,22 @@ def test_config_table_defaults_match():
         assert shown.strip() == expected, f"README default of {name} is {shown!r}, code has {expected!r}"
 
 
-def test_ci_runs_the_readme_test_command():
-    command = subprocess.run(
-        ["bash", "-c", "grep -m1 -E '^pip install .*&& python -m pytest' README.md | sed 's/[[:space:]]*#.*$//'"],
+def _readme_line(pattern: str) -> str:
+    """The README line `.ci/run` picks with `pattern` (same grep, same comment stripping)."""
+    return subprocess.run(
+        ["bash", "-c", f"grep -m1 -E '{pattern}' README.md | sed 's/[[:space:]]*#.*$//'"],
         cwd=ROOT, capture_output=True, text=True, check=True,
     ).stdout.strip()
-    assert command.endswith("python -m pytest") and "torch==2.13.0" in command
-    assert "README.md" in (ROOT / ".ci/run").read_text()
+
+
+def test_ci_runs_the_readme_test_commands():
+    ci = (ROOT / ".ci/run").read_text()
+    newest_pattern, oldest_pattern = "^pip install .*&& python -m pytest", r"^python -m venv \.venv-oldest .*-m pytest"
+    assert newest_pattern in ci and oldest_pattern in ci
+    newest = _readme_line(newest_pattern)
+    assert newest.endswith("python -m pytest") and "torch==2.13.0" in newest and " -c " not in newest
+    oldest = _readme_line(oldest_pattern)
+    assert "-c ci/oldest.txt" in oldest and oldest.endswith(".venv-oldest/bin/python -m pytest")
     first_commands = re.findall(r"^pip install .*$", README, flags=re.MULTILINE)[:2]
     assert len(first_commands) == 2 and "python examples/demo.py" in first_commands[0]
 

@@ -205,9 +205,7 @@ def test_trl_sft_and_grpo_recipes(tmp_path: Path, tok):
     common = {
         "max_steps": 2,
         "per_device_train_batch_size": 2,
-        "use_cpu": True,
-        "bf16": False,
-        "gradient_checkpointing": False,
+        **tiny.exact_cpu_args(),
         "report_to": "none",
         "save_strategy": "no",
         "logging_steps": 1,

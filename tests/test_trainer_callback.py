@@ -13,7 +13,7 @@ import _trainer_run as R
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerState, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from hf_rl_ckpt import CheckpointCallback, CheckpointConfig, CheckpointError, CheckpointManager, StateMismatchError, verify_checkpoint
 from hf_rl_ckpt.layout import CheckpointLayout
@@ -200,3 +200,53 @@ def test_callback_added_too_late_to_resume_says_so(causal, tmp_path):
     trainer.add_callback(CheckpointCallback(CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"))))
     with pytest.raises(CheckpointError, match="too late to resume"):
         trainer.train()
+
+
+def test_resume_from_checkpoint_true_resumes_our_newest_checkpoint_exactly(tmp_path):
+    # The Trainer's own meaning of True (look for checkpoint-N in output_dir) would find nothing here: save_strategy="no".
+    reference = small_trainer(tmp_path / "ref", None, max_steps=4)
+    reference.train()
+    first = small_trainer(tmp_path / "run", CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), save_period=2), max_steps=4)
+    first.add_callback(R.StopAt(2))
+    first.train()
+    config = CheckpointConfig.from_dict({"checkpoint_dir": str(tmp_path / "ckpt"), "resume": {"mode": "disable"}})
+    second = small_trainer(tmp_path / "run", config, max_steps=4)
+    steps_run = []
+    second.add_callback(type("Steps", (TrainerCallback,), {"on_step_end": lambda self, args, state, control, **kw: steps_run.append(state.global_step)})())
+    second.train(resume_from_checkpoint=True)  # asks to resume even though the config says disable
+    assert steps_run == [3, 4]
+    assert R.losses(second.state.log_history) == R.losses(reference.state.log_history)
+    R.assert_same_weights(second.model.state_dict(), reference.model.state_dict())
+
+
+def test_two_callbacks_on_one_checkpoint_dir_are_refused(tmp_path):
+    config = CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), save_period=1)
+    tok = tiny.build_tokenizer()
+    with pytest.raises(CheckpointError, match="two CheckpointCallbacks on checkpoint_dir"):
+        Trainer(
+            model=tiny.build_model("llama", seed=1), args=TrainingArguments(str(tmp_path / "out"), **{**R.COMMON_ARGS, "max_steps": 2}),
+            train_dataset=tiny.toy_lm_dataset(tok, n=8, seq_len=16), processing_class=tok,
+            callbacks=[CheckpointCallback(config), CheckpointCallback(CheckpointConfig(checkpoint_dir=str(tmp_path / "out" / ".." / "ckpt")))],
+        )
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_missing_private_trainer_loader_fails_at_attach_naming_the_version(tmp_path, monkeypatch):
+    import transformers
+
+    monkeypatch.delattr(Trainer, "_load_rng_state")  # what a transformers release that renamed it would look like
+    with pytest.raises(CheckpointError) as raised:
+        small_trainer(tmp_path, CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt")))
+    message = str(raised.value)
+    assert "_load_rng_state" in message and f"transformers {transformers.__version__}" in message and "hf_rl_ckpt/shims.py" in message
+
+
+def test_custom_manager_with_exactly_the_protocol_saves_and_resumes_a_trainer(tmp_path):
+    config = CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), save_period=2, checkpoint_manager_class="test_manager.ProtocolOnlyManager")
+    small_trainer(tmp_path, config, max_steps=2).train()
+    resumed = small_trainer(tmp_path, config, max_steps=4)
+    resumed.train()
+    assert resumed.state.global_step == 4
+    calls = checkpoint_callback(resumed).manager.calls
+    assert calls[0] == "resume" and {"load_optimizer_state", "load_rng_state", "should_save", "save", "finalize"} <= set(calls)
+    assert sorted(CheckpointLayout(tmp_path / "ckpt").committed_steps()) == [2, 4]

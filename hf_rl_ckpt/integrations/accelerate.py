@@ -66,6 +66,7 @@ from accelerate.utils import DistributedType
 from ..config import CheckpointConfig
 from ..errors import CheckpointError, StateMismatchError
 from ..manager import CheckpointManager, ResumeState, create_manager
+from ..shims import DATALOADER_BATCH_HOOK, prepared, require_accelerator_internals, state_pre_hooks
 from ..state import jsoncodec
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class DataLoaderPosition:
         self._pending: dict[str, Any] | None = None  # a restored mid-epoch position, until its epoch is replayed
         self._replay: tuple[int, torch.Tensor] | None = None  # (batches to skip, RNG to restore after them) while replaying
         loader.begin = _then(loader.begin, self._on_begin)
-        loader._update_state_dict = _then(loader._update_state_dict, self._on_batch)
+        setattr(loader, DATALOADER_BATCH_HOOK, _then(getattr(loader, DATALOADER_BATCH_HOOK), self._on_batch))
         loader.end = _then(loader.end, self._on_end)
         loader._hf_rl_ckpt_position = self
 
@@ -194,14 +195,16 @@ class AccelerateCheckpointing:
     def __init__(self, accelerator: Accelerator, manager: CheckpointManager, tokenizer: Any | None = None) -> None:
         if isinstance(getattr(accelerator.save_state, "__self__", None), AccelerateCheckpointing):
             raise CheckpointError("register_checkpointing was already called on this accelerator; keep using the manager it returned")
+        require_accelerator_internals(accelerator)
         self.accelerator = accelerator
+        self.prepared = prepared(accelerator)
         self.manager = manager
         self.tokenizer = tokenizer
         self.guards = (
             accelerator.register_save_state_pre_hook(self._refuse_accelerate_format),
             accelerator.register_load_state_pre_hook(self._refuse_accelerate_format),
         )
-        for loader in accelerator._dataloaders:
+        for loader in self.prepared.dataloaders:
             self._track(loader)
         self._prepare_data_loader = accelerator.prepare_data_loader
         accelerator.prepare_data_loader = self.prepare_data_loader
@@ -227,7 +230,7 @@ class AccelerateCheckpointing:
 
     def _dataloader_state(self) -> PreparedDataLoaders | None:
         positions = []
-        for index, loader in enumerate(self.accelerator._dataloaders):
+        for index, loader in enumerate(self.prepared.dataloaders):
             position = getattr(loader, "_hf_rl_ckpt_position", None)
             if position is None:
                 raise CheckpointError(
@@ -240,25 +243,25 @@ class AccelerateCheckpointing:
     # ------------------------------------------------------------------ objects
     def _objects(self) -> dict[str, Any]:
         """The prepared model, optimizer and scheduler, as `CheckpointManager` takes them (one of each)."""
-        acc = self.accelerator
-        for kind, items in (("model", acc._models), ("optimizer", acc._optimizers), ("scheduler", acc._schedulers)):
+        acc, ours = self.accelerator, self.prepared
+        for kind, items in (("model", ours.models), ("optimizer", ours.optimizers), ("scheduler", ours.schedulers)):
             if len(items) > 1:
                 raise CheckpointError(
                     f"this accelerator has {len(items)} prepared {kind}s; hf_rl_ckpt checkpoints one model with its optimizer "
                     "and scheduler. Save the others with their own CheckpointManager (manager.save(step, model=...))"
                 )
-        if not acc._models:
+        if not ours.models:
             raise CheckpointError("no prepared model to checkpoint: call accelerator.prepare(model, ...) before save_state/load_state")
         if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
             raise CheckpointError(
                 "FSDP1 models (flat parameters) are not supported: use FSDP2, whose DTensor parameters hf_rl_ckpt saves "
                 "as per-rank shards (FullyShardedDataParallelPlugin(fsdp_version=2), or fsdp_version: 2 in the accelerate config)"
             )
-        optimizer = acc._optimizers[0] if acc._optimizers else None
+        optimizer = ours.optimizers[0] if ours.optimizers else None
         return dict(
-            model=acc._models[0],
+            model=ours.models[0],
             optimizer=getattr(optimizer, "optimizer", optimizer),  # the torch optimizer inside AcceleratedOptimizer
-            scheduler=acc._schedulers[0] if acc._schedulers else None,
+            scheduler=ours.schedulers[0] if ours.schedulers else None,
             dataloader=self._dataloader_state(),
         )
 
@@ -270,25 +273,25 @@ class AccelerateCheckpointing:
                 "step": acc.step,
                 "next_save_iteration": acc.project_configuration.iteration + 1,
                 "scaler": None if acc.scaler is None else acc.scaler.state_dict(),
-                "custom_objects": [obj.state_dict() for obj in acc._custom_objects],
+                "custom_objects": [obj.state_dict() for obj in self.prepared.custom_objects],
             },
             "accelerator state (register_for_checkpointing objects, grad scaler)",
         )
 
     def _restore_accelerator_state(self, saved: Mapping[str, Any], path: Path) -> None:
-        acc = self.accelerator
+        acc, custom_objects = self.accelerator, self.prepared.custom_objects
         state = jsoncodec.decode(saved)
-        if len(state["custom_objects"]) != len(acc._custom_objects):
+        if len(state["custom_objects"]) != len(custom_objects):
             raise StateMismatchError(
                 f"{path} holds {len(state['custom_objects'])} object(s) registered with register_for_checkpointing, "
-                f"this accelerator has {len(acc._custom_objects)}; register the same objects in the same order"
+                f"this accelerator has {len(custom_objects)}; register the same objects in the same order"
             )
         if (state["scaler"] is None) != (acc.scaler is None):
             raise StateMismatchError(f"{path} was saved {'with' if state['scaler'] is not None else 'without'} a grad scaler "
                                      f"and this accelerator has {'one' if acc.scaler is not None else 'none'} (mixed_precision changed?)")
         if acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])
-        for obj, obj_state in zip(acc._custom_objects, state["custom_objects"]):
+        for obj, obj_state in zip(custom_objects, state["custom_objects"]):
             obj.load_state_dict(obj_state)
         acc.step = state["step"]
         acc.project_configuration.iteration = state["next_save_iteration"]
@@ -337,7 +340,7 @@ class AccelerateCheckpointing:
         """
         if not safe_serialization:
             logger.warning("save_state(safe_serialization=False) ignored: hf_rl_ckpt never writes pickles")
-        self._check_no_other_hooks(self.accelerator._save_model_state_pre_hook, "save_state")
+        self._check_no_other_hooks(state_pre_hooks(self.accelerator, "save_state"), "save_state")
         step = self._step_for(output_dir) if step is None else step
         extra = {**dict(extra_state or {}), EXTRA_KEY: self._accelerator_state()}
         path = self.manager.save(step, **self._objects(), metrics=metrics, tokenizer=self.tokenizer, epoch=epoch, extra_state=extra)
@@ -352,7 +355,7 @@ class AccelerateCheckpointing:
         prepared dataloaders continue from the saved position; the returned state's `.step`
         and `.extra` (your `extra_state`) tell the loop where it is.
         """
-        self._check_no_other_hooks(self.accelerator._load_model_state_pre_hook, "load_state")
+        self._check_no_other_hooks(state_pre_hooks(self.accelerator, "load_state"), "load_state")
         objects = self._objects()
         if input_dir is None:
             state = self.manager.resume(**objects)

@@ -28,9 +28,12 @@ re-implementing it. Once attached to its trainer (automatically, from `Trainer._
 - `trainer.train()` without `resume_from_checkpoint` resumes according to `resume.mode`
   (the newest verified checkpoint for `auto`, falling back past a corrupt one; weights only
   with `resume.load_weight_only`), `trainer.train(resume_from_checkpoint=<one of our
-  checkpoints>)` resumes from that one, and `resume_from_checkpoint=False` starts fresh;
+  checkpoints>)` resumes from that one, `resume_from_checkpoint=True` means `resume.mode:
+  auto` whatever the config says (the Trainer's own newest `checkpoint-N` in `output_dir`
+  only when `checkpoint_dir` has none), and `resume_from_checkpoint=False` starts fresh;
 - on that trainer instance only, the loaders of the resume path (`_load_from_checkpoint`,
-  `_load_optimizer_and_scheduler`, `_load_rng_state`, `_load_scaler`) read our pickle-free
+  `_load_optimizer_and_scheduler`, `_load_rng_state`, `_load_scaler`, see `hf_rl_ckpt.shims`;
+  a transformers release without one fails at attach, naming its version) read our pickle-free
   files when handed one of our checkpoints, and defer to the Trainer for anything else, so
   the Trainer's own `checkpoint-N` folders keep working;
 - the `TrainerState` is stored at the checkpoint root as `trainer_state.json`, in the
@@ -53,11 +56,13 @@ from typing import Any, Mapping
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import STEP_METRIC, CheckpointConfig
 from ..errors import CheckpointError
 from ..layout import TRAINING_INFO
 from ..manager import CheckpointManager, create_manager
+from ..shims import trainer_loaders
 from ..state.model import unwrap_model
 
 logger = logging.getLogger("hf_rl_ckpt")
@@ -160,10 +165,18 @@ class CheckpointCallback(TrainerCallback):
                 getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy),
                 self.config.checkpoint_dir,
             )
-        self._trainer = trainer
+        twins = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CheckpointCallback) and cb is not self
+                 and Path(cb.config.checkpoint_dir).resolve() == Path(self.config.checkpoint_dir).resolve()]
+        if twins:
+            raise CheckpointError(
+                f"this trainer has two CheckpointCallbacks on checkpoint_dir {self.config.checkpoint_dir}: every checkpoint would "
+                "be written twice and their retention would fight. Pass one CheckpointCallback (give a second one its own checkpoint_dir)"
+            )
         self._install_resume_hooks(trainer)
+        self._trainer = trainer
 
     def _install_resume_hooks(self, trainer: Trainer) -> None:
+        originals = trainer_loaders(trainer)  # before touching the trainer: a missing loader fails here, naming the version
         train = trainer.train
 
         @functools.wraps(train)
@@ -178,17 +191,26 @@ class CheckpointCallback(TrainerCallback):
             "_load_scaler": lambda path: None,  # no GradScaler state in our layout: fp16 loss scaling re-calibrates
         }
         for name, ours in loaders.items():
-            if hasattr(trainer, name):
-                setattr(trainer, name, _dispatch(ours, getattr(trainer, name)))
+            setattr(trainer, name, _dispatch(ours, originals[name]))
 
     def _resume(self, requested: Any) -> Any:
         """What to hand `Trainer.train` as `resume_from_checkpoint`, after loading the weights of our checkpoint."""
         trainer = self._trainer
         if requested is None:
             state = self.manager.resume(model=trainer.model)
+        elif requested is True:  # `resume.mode: auto`, also when the config says otherwise: the caller asked to resume
+            output_dir = trainer.args.output_dir
+            if self.manager.latest() is None and os.path.isdir(output_dir) and get_last_checkpoint(output_dir) is not None:
+                return True  # a run that saved with the Trainer's own checkpointing: the Trainer resumes its newest checkpoint-N
+            state = self.manager.resume(model=trainer.model, mode="auto")
+            if state is None:
+                logger.warning(
+                    "train(resume_from_checkpoint=True): no checkpoint in %s (nor a Trainer checkpoint-N in %s); starting fresh",
+                    self.config.checkpoint_dir, output_dir,
+                )
         elif is_checkpoint(requested):
             state = self.manager.load(requested, model=trainer.model)
-        else:  # False, True or a Trainer checkpoint-N folder: the Trainer's own business
+        else:  # False or a Trainer checkpoint-N folder: the Trainer's own business
             return requested
         if state is None or state.weights_only:
             return None
@@ -242,7 +264,7 @@ class CheckpointCallback(TrainerCallback):
         step = state.global_step
         if self.manager.should_save(step):
             self._save_owed = True
-            if getattr(self.manager, "deadline_reached", False):
+            if self.manager.deadline_reached:
                 control.should_training_stop = True  # checkpoint_must_save_by: save, then stop before the job's time runs out
         if self.config.sync_weight_path:
             self.manager.sync_weights(step, model=self._trainer.model, tokenizer=self._trainer.processing_class)

@@ -38,6 +38,7 @@ from torch.futures import Future
 from .. import distributed
 from ..atomic import atomic_write_bytes, write_bytes
 from ..errors import CorruptCheckpointError, StateMismatchError
+from ..shims import DCP_FORMAT_METADATA, DCP_SHARDING_INFO_KEY, DCP_VERSION_KEY, HF_DCP_VERSION, SAVED_OFFSETS_KEY, dcp_file_name
 from . import jsoncodec
 from .safetensors_io import write_safetensors
 
@@ -46,8 +47,6 @@ NON_TENSOR_STATE = "non_tensor_state.json"
 TENSORS_INDEX = "model.safetensors.index.json"
 #: Largest optimizer tensor file written by `write_optimizer_tensors` (several files are written and hashed in parallel).
 OPTIM_FILE_SIZE = 512 << 20
-#: Header metadata keys of DCP's HF format (torch.distributed.checkpoint._hf_utils).
-_DCP_SHARDING_INFO, _DCP_VERSION, _SAVED_OFFSETS = "DCP_SHARDING_INFO", "DCP_VERSION", "saved_offsets"
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 FileDigests = dict[str, tuple[int, str]]
 
@@ -103,11 +102,6 @@ def capture_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
     return OptimizerSnapshot(tensors, jsoncodec.dumps(rest, "optimizer"))
 
 
-def _file_name(index: int, count: int) -> str:
-    """DCP's name for file `index` (1-based) of `count` (torch.distributed.checkpoint._hf_utils._gen_file_name)."""
-    return f"model-{index:05d}-of-{count:05d}.safetensors"
-
-
 def split_by_size(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     """Consecutive groups of `tensors` of at most `max_bytes` each (a bigger tensor gets a group of its own)."""
     groups: list[dict[str, torch.Tensor]] = [{}]
@@ -139,11 +133,11 @@ def write_optimizer_tensors(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = split_by_size(tensors, max_file_size)
-    names = [_file_name(index, len(groups)) for index in range(1, len(groups) + 1)]
+    names = [dcp_file_name(index, len(groups)) for index in range(1, len(groups) + 1)]
 
     def write(name: str, group: Mapping[str, torch.Tensor]) -> tuple[int, str]:
-        sharding = {fqn: {_SAVED_OFFSETS: [0] * tensor.dim()} for fqn, tensor in group.items()}
-        metadata = {_DCP_SHARDING_INFO: json.dumps(sharding), _DCP_VERSION: "1.0", "format": "pt"}
+        sharding = {fqn: {SAVED_OFFSETS_KEY: [0] * tensor.dim()} for fqn, tensor in group.items()}
+        metadata = {DCP_SHARDING_INFO_KEY: json.dumps(sharding), DCP_VERSION_KEY: HF_DCP_VERSION, **DCP_FORMAT_METADATA}
         return write_safetensors(out_dir / name, group, metadata)
 
     with ThreadPoolExecutor(min(len(groups), os.cpu_count() or 1, 4), thread_name_prefix="hf_rl_ckpt-optim") as pool:

@@ -27,11 +27,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint._nested_dict import unflatten_state_dict
 
 from ..atomic import HashingWriter
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..layout import safe_join
+from ..shims import unflatten_state_dict
 
 #: The numpy types of `np.random.get_state()`, as transformers' and accelerate's `safe_globals` allow them.
 _NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core

@@ -26,12 +26,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from huggingface_hub import split_torch_state_dict_into_shards
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint._consolidate_hf_safetensors import consolidate_safetensors_files
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from .. import distributed
 from ..errors import CorruptCheckpointError
+from ..shims import consolidate_safetensors_files
 from .model import SAFE_INDEX, SAFE_WEIGHTS, check_compatible, deduplicated_state_dict, save_hf_metadata
 
 

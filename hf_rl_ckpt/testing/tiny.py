@@ -18,22 +18,19 @@ TRL recipes verified with trl 1.16 on CPU (each finishes in a few seconds):
 * ``SFTTrainer`` on :func:`toy_text_dataset` (column ``"text"``)::
 
       SFTConfig(output_dir=..., max_steps=2, per_device_train_batch_size=2, max_length=32,
-                use_cpu=True, bf16=False, gradient_checkpointing=False,
-                report_to="none", save_strategy="no", logging_steps=1)
+                report_to="none", save_strategy="no", logging_steps=1, **exact_cpu_args())
 
 * ``GRPOTrainer`` on :func:`toy_prompt_dataset` (column ``"prompt"``, plain strings or,
   with ``conversational=True``, chat messages rendered with :data:`CHAT_TEMPLATE`) and
   :func:`toy_reward`::
 
       GRPOConfig(output_dir=..., max_steps=2, per_device_train_batch_size=2, num_generations=2,
-                 max_completion_length=8, use_cpu=True, bf16=False,
-                 gradient_checkpointing=False, report_to="none", save_strategy="no",
-                 logging_steps=1)
+                 max_completion_length=8, report_to="none", save_strategy="no",
+                 logging_steps=1, **exact_cpu_args())
 
   ``per_device_train_batch_size`` times ``gradient_accumulation_steps`` must be divisible
-  by ``num_generations``. TRL's config defaults ``bf16`` to ``True`` and
-  ``gradient_checkpointing`` to ``True``; both are turned off above to keep CPU runs
-  exact and fast.
+  by ``num_generations``. TRL's config defaults ``bf16`` and activation checkpointing to
+  ``True``; :func:`exact_cpu_args` turns both off to keep CPU runs exact and fast.
 """
 
 from __future__ import annotations
@@ -50,6 +47,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    TrainingArguments,
     GenerationConfig,
     LlamaConfig,
     PretrainedConfig,
@@ -57,6 +55,19 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+#: `TrainingArguments`' switch for activation (gradient) checkpointing. Newer transformers call it
+#: `activation_checkpointing` and warn on the old name; older ones only know `gradient_checkpointing`.
+CHECKPOINTING_ARG = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
+
+
+def exact_cpu_args() -> dict[str, Any]:
+    """`TrainingArguments` (and TRL config) settings for exact, fast runs on CPU, on every supported transformers.
+
+    TRL's configs turn bf16 and activation checkpointing on by default; both change the numbers
+    a resumed run must reproduce, and neither helps a tiny model on CPU.
+    """
+    return {"use_cpu": True, "bf16": False, CHECKPOINTING_ARG: False}
 
 __all__ = [
     "BOS_TOKEN",

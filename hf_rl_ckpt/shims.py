@@ -1,0 +1,136 @@
+"""Every private name of torch, transformers and accelerate that hf_rl_ckpt relies on, in one place.
+
+Upstream libraries may rename or drop a private name in any release. Gathering them here
+means one file to re-check when a release comes out, and one place where a missing name
+turns into an error that names the installed version and what to do, at attach time,
+instead of a silent fallback that only an exact-resume test would notice.
+
+Checked against (the floors are `ci/oldest.txt`, run by `.ci/run` next to the newest):
+
+| library      | oldest checked | newest checked |
+|--------------|----------------|----------------|
+| torch        | 2.13           | 2.13           |
+| transformers | 5.18.0         | 5.25.0         |
+| accelerate   | 1.10.0         | 1.16.0         |
+
+Where a public API does the job it is used instead (Accelerate's
+`register_save_state_pre_hook`, torch's `Optimizer.register_step_pre_hook`, DCP's
+`HuggingFaceStorageReader`); what is left has no public equivalent.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import version
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+
+class UnsupportedVersionError(CheckpointError):
+    """An installed library lacks an internal name hf_rl_ckpt needs (a release too new or too old)."""
+
+
+def _missing(library: str, names: list[str], where: str) -> UnsupportedVersionError:
+    return UnsupportedVersionError(
+        f"{where} has no {', '.join(names)} in {library} {version(library)}: hf_rl_ckpt hooks into "
+        f"{'it' if len(names) == 1 else 'them'} and was checked with the releases listed in hf_rl_ckpt/shims.py. "
+        f"Install a {library} release in that range (pip install '{library}<{version(library)}' if this one is newer), "
+        "or upgrade hf_rl_ckpt"
+    )
+
+
+def _private_attr(module: str, name: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise _missing(module.partition(".")[0], [f"{module}.{name}"], "this installation") from None
+
+
+# ------------------------------------------------------------------ transformers.Trainer
+#: The loaders of `Trainer`'s resume path that `CheckpointCallback` points at our pickle-free files.
+#: `train(resume_from_checkpoint=...)` calls them; there is no public hook for any of them.
+TRAINER_LOADERS = ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state", "_load_scaler")
+
+
+def trainer_loaders(trainer: Any) -> dict[str, Callable[..., Any]]:
+    """The trainer's resume-path loaders by name; raises at once when one is missing."""
+    missing = [name for name in TRAINER_LOADERS if not callable(getattr(trainer, name, None))]
+    if missing:
+        raise _missing("transformers", missing, type(trainer).__name__)
+    return {name: getattr(trainer, name) for name in TRAINER_LOADERS}
+
+
+# ------------------------------------------------------------------ accelerate.Accelerator
+#: Lists of what `Accelerator.prepare` and `register_for_checkpointing` registered; `save_state`
+#: reads the same ones. Public accessors exist for none of them.
+ACCELERATOR_REGISTRIES = ("_models", "_optimizers", "_schedulers", "_dataloaders", "_custom_objects")
+#: The dicts behind `register_save_state_pre_hook` / `register_load_state_pre_hook`: read to find
+#: other hooks that would never run once `save_state` is ours.
+ACCELERATOR_HOOK_DICTS = {"save_state": "_save_model_state_pre_hook", "load_state": "_load_model_state_pre_hook"}
+#: `DataLoaderShard` calls `_update_state_dict()` once per batch it hands out (twice for the last):
+#: the only per-batch point where the position can be counted without wrapping the iterator.
+DATALOADER_BATCH_HOOK = "_update_state_dict"
+DATALOADER_SHARD_METHODS = ("begin", "end", DATALOADER_BATCH_HOOK)
+
+
+def require_accelerator_internals(accelerator: Any) -> None:
+    """Raise at registration when this Accelerate release lacks what `register_checkpointing` uses."""
+    from accelerate.data_loader import DataLoaderShard
+
+    missing = [name for name in (*ACCELERATOR_REGISTRIES, *ACCELERATOR_HOOK_DICTS.values()) if not hasattr(accelerator, name)]
+    missing += [f"DataLoaderShard.{name}" for name in DATALOADER_SHARD_METHODS if not callable(getattr(DataLoaderShard, name, None))]
+    if missing:
+        raise _missing("accelerate", missing, type(accelerator).__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What an accelerator prepared or registered, in order (live lists: later `prepare` calls show up)."""
+
+    models: list[Any]
+    optimizers: list[Any]
+    schedulers: list[Any]
+    dataloaders: list[Any]
+    custom_objects: list[Any]
+
+
+def prepared(accelerator: Any) -> Prepared:
+    return Prepared(*(getattr(accelerator, name) for name in ACCELERATOR_REGISTRIES))
+
+
+def state_pre_hooks(accelerator: Any, method: str) -> Mapping[int, Callable[..., Any]]:
+    """The pre-hooks registered for `save_state` or `load_state`, by handle id."""
+    return getattr(accelerator, ACCELERATOR_HOOK_DICTS[method])
+
+
+# ------------------------------------------------------------------ torch
+#: DCP's HF-format safetensors: the header keys and file names `HuggingFaceStorageReader` expects.
+#: Our streamed optimizer files must carry exactly these, so they are DCP's own constants.
+_HF_UTILS = "torch.distributed.checkpoint._hf_utils"
+DCP_SHARDING_INFO_KEY: str = _private_attr(_HF_UTILS, "DCP_SHARDING_INFO_KEY")
+DCP_VERSION_KEY: str = _private_attr(_HF_UTILS, "DCP_VERSION_KEY")
+SAVED_OFFSETS_KEY: str = _private_attr(_HF_UTILS, "SAVED_OFFSETS_KEY")
+DCP_FORMAT_METADATA: dict[str, str] = {_private_attr(_HF_UTILS, "FORMAT_KEY"): _private_attr(_HF_UTILS, "FORMAT_VALUE")}
+HF_DCP_VERSION: str = str(_private_attr(_HF_UTILS, "HF_DCP_VERSION"))
+dcp_file_name: Callable[[int, int], str] = _private_attr(_HF_UTILS, "_gen_file_name")
+
+#: Copies per-rank DCP shards into consolidated safetensors one tensor at a time (no public equivalent).
+consolidate_safetensors_files: Callable[..., None] = _private_attr(
+    "torch.distributed.checkpoint._consolidate_hf_safetensors", "consolidate_safetensors_files"
+)
+#: Rebuilds a nested state dict from DCP's flattened keys and planner data (read side of legacy DCP folders).
+unflatten_state_dict: Callable[..., dict[str, Any]] = _private_attr("torch.distributed.checkpoint._nested_dict", "unflatten_state_dict")
+
+
+def runs_step_pre_hooks(optimizer: Any) -> bool:
+    """True when `optimizer.step()` runs the hooks of `register_step_pre_hook`.
+
+    torch's own optimizers do (their step is wrapped by `Optimizer.profile_hook_step`, which
+    reads `_optimizer_step_pre_hooks`); an optimizer that only looks like one may not.
+    """
+    return isinstance(optimizer, torch.optim.Optimizer) and isinstance(getattr(optimizer, "_optimizer_step_pre_hooks", None), dict)
