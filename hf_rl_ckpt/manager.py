@@ -62,7 +62,7 @@ from .async_save import (
 )
 from .state.dataloader import capture_dataloader, load_dataloader
 from .state.model import deduplicated_state_dict, load_consolidated, save_consolidated, save_hf_metadata, save_weights, unwrap_model
-from .state.optim import capture_optimizer, load_optimizer, write_optimizer_dcp, write_optimizer_tensors
+from .state.optim import capture_optimizer, check_optimizer_fits, load_optimizer, write_optimizer_dcp, write_optimizer_tensors
 from .state.peft import is_peft_model, load_adapter, save_adapter
 from .state.rng import capture_rng, load_rng
 from .state.safetensors_io import tensors_from_buffer, write_safetensors
@@ -833,6 +833,8 @@ class CheckpointManager(BaseCheckpointManager):
         weights_only = self.config.resume.load_weight_only if weights_only is None else weights_only
         preloaded: dict[str, dict[str, torch.Tensor]] = {}
         info = self._verified_info(path, model=model, optimizer=None if weights_only else optimizer, preloaded=preloaded)
+        if optimizer is not None and not weights_only:  # before the weights load: a misfit leaves the model as it was
+            check_optimizer_fits(unwrap_model(model), optimizer, self._optimizer_dir(path))
         self._load_model(path, model, preloaded)
         state = ResumeState(
             step=int(info["step"]), path=path, epoch=info.get("epoch"), metrics=info.get("metrics") or {},
@@ -926,14 +928,19 @@ class CheckpointManager(BaseCheckpointManager):
         """
         path = Path(path)
         if optimizer is not None:
-            if not (path / OPTIM_DIR).is_dir():
-                raise CheckpointError(
-                    f"{path} has no optimizer state (saved with save_optimizer: false); pass optimizer=None "
-                    "or set resume.load_weight_only: true to start with a fresh optimizer"
-                )
-            load_optimizer(unwrap_model(model), optimizer, path / OPTIM_DIR, preloaded=preloaded)
+            load_optimizer(unwrap_model(model), optimizer, self._optimizer_dir(path), preloaded=preloaded)
         if scheduler is not None:
             load_scheduler(scheduler, path / SCHEDULER_JSON)
+
+    @staticmethod
+    def _optimizer_dir(path: Path) -> Path:
+        """The optimizer state folder of checkpoint `path`; an error saying what to do when it was saved without one."""
+        if not (path / OPTIM_DIR).is_dir():
+            raise CheckpointError(
+                f"{path} has no optimizer state (saved with save_optimizer: false); pass optimizer=None "
+                "or set resume.load_weight_only: true to start with a fresh optimizer"
+            )
+        return path / OPTIM_DIR
 
     def load_rng_state(self, path: str | os.PathLike) -> None:
         """Restore this rank's RNG streams from a checkpoint (a step of `load`, public like `load_optimizer_state`)."""
