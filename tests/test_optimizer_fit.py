@@ -100,3 +100,12 @@ def test_saving_with_an_optimizer_of_another_model_names_it(tmp_path):
     with pytest.raises(CheckpointSaveError, match="is not a parameter of LlamaForCausalLM"):
         manager.save(1, model=build_model("llama", seed=1), optimizer=other)
     assert manager.checkpoints() == [] and not any((tmp_path / ".incomplete").iterdir())
+
+
+def test_a_plain_checkpoint_resumed_into_a_peft_model_names_the_model_kind_before_the_optimizer(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    manager = _saved(tmp_path)
+    peft_model = get_peft_model(build_model("llama", seed=1), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(StateMismatchError, match="has no model/adapter/ to load into a PeftModel; it holds model/consolidated/"):
+        manager.resume(model=peft_model, optimizer=torch.optim.AdamW(peft_model.parameters(), lr=1e-3))
