@@ -3,9 +3,10 @@
 Without merging, the deployable folder is copied as it is: `model/consolidated/`, or
 `model/adapter/` for a PEFT run (serve it with its base, e.g. vLLM `--lora-modules`). With
 `merge_lora`, the adapter is merged into its base model and written as consolidated HF
-weights, for engines that cannot apply LoRA. The checkpoint is verified first (a corrupt
-checkpoint is never exported) and the output appears whole or not at all: it is written
-beside `out` and renamed into place.
+weights, for engines that cannot apply LoRA. What the export reads is verified first (a
+corrupt model is never exported; the training state, which an export does not need, is not
+checked) and the output appears whole or not at all: it is written beside `out` and renamed
+into place.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists():
         raise CheckpointError(f"export target {out} already exists; choose a new folder or remove it first")
-    verify_checkpoint(checkpoint)
+    folder = _model_folder(checkpoint, merge_lora)
+    verify_checkpoint(checkpoint, only=[folder, CONFIG_YAML] if merge_lora else [folder])
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -48,7 +50,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         if merge_lora:
             _write_merged(checkpoint, staging, base)
         else:
-            _copy_with_progress(_model_folder(checkpoint), staging)
+            _copy_with_progress(checkpoint / folder, staging)
         fsync_tree(staging)
         os.rename(staging, out)
     finally:
@@ -73,9 +75,17 @@ def _copy_with_progress(source: Path, target: Path) -> None:
         shutil.copytree(source, target, copy_function=copy)
 
 
-def _model_folder(checkpoint: Path) -> Path:
+def _model_folder(checkpoint: Path, merge_lora: bool) -> str:
+    """The folder of `checkpoint` an export reads: the adapter to merge, else the deployable folder (relative)."""
+    if merge_lora:
+        if (checkpoint / ADAPTER_DIR).is_dir():
+            return ADAPTER_DIR
+        raise CheckpointError(
+            f"{checkpoint} holds no adapter ({ADAPTER_DIR}/), so there is no LoRA to merge; "
+            f"export it without --merge-lora to copy its {CONSOLIDATED_DIR}/ folder"
+        )
     if (folder := deployable_dir(checkpoint)) is not None:
-        return checkpoint / folder
+        return folder
     raise CheckpointError(f"{checkpoint} holds no model folder ({CONSOLIDATED_DIR}/ or {ADAPTER_DIR}/); it was saved without weights")
 
 
@@ -83,11 +93,6 @@ def _write_merged(checkpoint: Path, out: Path, base: str | None) -> None:
     from transformers import AutoTokenizer
 
     adapter = checkpoint / ADAPTER_DIR
-    if not adapter.is_dir():
-        raise CheckpointError(
-            f"{checkpoint} holds no adapter ({ADAPTER_DIR}/), so there is no LoRA to merge; "
-            f"export it without --merge-lora to copy its {CONSOLIDATED_DIR}/ folder"
-        )
     settings = _checkpoint_settings(checkpoint)
     model = load_merged_model(adapter, base=base, cache_dir=settings.get("model_cache_dir"))
     tokenizer = AutoTokenizer.from_pretrained(adapter) if (adapter / "tokenizer_config.json").is_file() else None
