@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .config import check_repo_id
 from .errors import CheckpointError, CorruptCheckpointError
 from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, TRAINING_INFO, CheckpointLayout
 from .registry import Registry
@@ -217,13 +218,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub.publish import HubAuthError, HubPublishError, HubUnavailableError, publish_checkpoint  # only this command talks to the Hub
 
+    check_repo_id(args.repo_id, "--repo-id")
     path = Path(args.ckpt)
     if not (path / TRAINING_INFO).is_file():
         print(f"error: {path} is not a committed checkpoint (no {TRAINING_INFO})", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         sha = publish_checkpoint(
-            path, args.repo_id, revision=args.revision, private=args.private, include_training_state=args.include_training_state
+            path, args.repo_id, revision=args.revision, private=not args.public, include_training_state=args.include_training_state
         )
     except CorruptCheckpointError as err:
         print(f"FAILED {err.path}: {err.reason}; a damaged checkpoint is not pushed", file=sys.stderr)
@@ -304,8 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40")
     p.add_argument("--repo-id", required=True, help="the model repo, e.g. your-name/my-run (created if missing)")
     p.add_argument("--revision", default="main", help="the branch to push to, e.g. step-40 (created if missing; default: main)")
-    p.add_argument("--private", action="store_true", help="create the repo private when it does not exist yet")
-    p.add_argument("--include-training-state", action="store_true", help="also push optimizer, RNG, data position... under training_state/")
+    visibility = p.add_mutually_exclusive_group()
+    visibility.add_argument("--public", action="store_true", help="create the repo public when it does not exist yet (default: private, "
+                            "like hub_private: true); an existing repo keeps its visibility")
+    visibility.add_argument("--private", action="store_true", help="create the repo private (the default; kept for scripts that pass it)")
+    p.add_argument("--include-training-state", action="store_true", help="also push the rest of the checkpoint under training_state/, "
+                   "as hub_push_training_state does: optimizer and scheduler state, RNG, data position, training_info.json and "
+                   "config.yaml (the run's training config). Default: only the model folder and its model card")
     p.set_defaults(func=cmd_push)
     for command in sub.choices.values():
         command.epilog = EXIT_CODES_HELP

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,9 +81,13 @@ def branches(api: HfApi) -> set[str]:
 
 def tree(api: HfApi, revision: str) -> dict[str, str]:
     """path -> content hash (LFS sha256 or git blob id) of every file of a revision."""
+    return tree_of(api, REPO, revision)
+
+
+def tree_of(api: HfApi, repo: str, revision: str) -> dict[str, str]:
     return {
         e.path: e.lfs.sha256 if e.lfs else e.blob_id
-        for e in api.list_repo_tree(REPO, revision=revision, recursive=True)
+        for e in api.list_repo_tree(repo, revision=revision, recursive=True)
         if isinstance(e, RepoFile)
     }
 
@@ -316,3 +322,49 @@ def test_trainer_run_publishes_its_best_checkpoints(server: HubServer, tmp_path:
     assert len(evals) == 5
     best, second = RetentionPolicy(2, "eval_loss", higher_is_better=False).top_k(evals)
     assert_published(HfApi(), tmp_path, best=best, others=[second])
+
+
+def test_push_command_creates_a_private_repo_unless_public(server: HubServer, tmp_path: Path, tokenizer, capsys) -> None:
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt")))
+    Loop(manager, tokenizer).step_and_save(3, 0.5)
+    ckpt = tmp_path / "ckpt" / "step_3"
+    api = HfApi()
+    assert cli_main(["push", str(ckpt), "--repo-id", "alice/by-default"]) == 0
+    assert api.model_info("alice/by-default").private, "like hub_private: true, a repo the CLI creates is private"
+    assert cli_main(["push", str(ckpt), "--repo-id", "alice/opted-out", "--public"]) == 0
+    assert not api.model_info("alice/opted-out").private
+    assert cli_main(["push", str(ckpt), "--repo-id", "alice/explicit", "--private"]) == 0 and api.model_info("alice/explicit").private
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["push", str(ckpt), "--repo-id", "alice/both", "--private", "--public"])
+    assert refused.value.code == 2 and not api.repo_exists("alice/both")
+
+
+def test_push_command_publishes_what_the_run_publishes(server: HubServer, tmp_path: Path, tokenizer) -> None:
+    """The CLI's default and --include-training-state push the same files as hub_push_training_state false / true."""
+    api = HfApi()
+    for training_state in (False, True):
+        run = tmp_path / f"run-{training_state}"
+        repo = f"alice/run-{str(training_state).lower()}"
+        config = hub_config(tmp_path, checkpoint_dir=str(run), hub_model_id=repo, keep_top_k=None, hub_push_training_state=training_state)
+        manager = CheckpointManager(config)
+        Loop(manager, tokenizer).step_and_save(2, 0.5)
+        manager.finalize()
+        flags = ["--include-training-state"] if training_state else []
+        assert cli_main(["push", str(run / "step_2"), "--repo-id", repo, "--revision", "by-hand", *flags]) == 0
+        by_run = {p: h for p, h in tree_of(api, repo, "step-2").items() if p != "README.md"}
+        assert by_run == {p: h for p, h in tree_of(api, repo, "by-hand").items() if p != "README.md"}
+        assert any(p.startswith("training_state/optim/") for p in by_run) is training_state
+        assert ("training_state/config.yaml" in by_run) is training_state
+
+
+def test_push_command_refuses_a_bad_repo_id_before_any_request(server: HubServer, tmp_path: Path, tokenizer) -> None:
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt")))
+    Loop(manager, tokenizer).step_and_save(1, 0.5)
+    pushed = subprocess.run(
+        [sys.executable, "-m", "hf_rl_ckpt.cli", "push", str(tmp_path / "ckpt" / "step_1"), "--repo-id", "bad id!!"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert pushed.returncode == 2, pushed.stderr
+    assert "Traceback" not in pushed.stderr and "--repo-id 'bad id!!'" in pushed.stderr and "namespace/name" in pushed.stderr
+    assert server.requests == [], "nothing reached the Hub"

@@ -48,7 +48,7 @@ from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from tqdm.auto import tqdm
 
 from ..atomic import sha256_file
-from ..config import CheckpointConfig
+from ..config import CheckpointConfig, check_repo_id
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, MODEL_CARD, TRAINING_INFO, deployable_dir, safe_join
 from ..registry import Registry
@@ -298,9 +298,11 @@ def publish_checkpoint(
     ```
 
     Raises:
+        ConfigError: `repo_id` is not a Hub repo id (checked before anything else).
         CorruptCheckpointError: the checkpoint fails verification.
         HubAuthError, HubUnavailableError, HubPublishError: the Hub refused or could not be reached.
     """
+    check_repo_id(repo_id, "repo_id")
     ckpt_dir = Path(ckpt_dir)
     info = verify_checkpoint(ckpt_dir, checksums=True)
     step = int(info["step"])
