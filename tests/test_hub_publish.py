@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 import threading
@@ -368,3 +369,43 @@ def test_push_command_refuses_a_bad_repo_id_before_any_request(server: HubServer
     assert pushed.returncode == 2, pushed.stderr
     assert "Traceback" not in pushed.stderr and "--repo-id 'bad id!!'" in pushed.stderr and "namespace/name" in pushed.stderr
     assert server.requests == [], "nothing reached the Hub"
+
+
+PUBLISHING_CHILD = """
+import sys
+from hf_rl_ckpt import CheckpointConfig, CheckpointManager
+from hf_rl_ckpt.hub import publish
+from hf_rl_ckpt.testing import tiny
+
+publish.DEFAULT_RETRY = publish.RetryPolicy(initial=0.2, factor=1.0, max_delay=0.2, attempts=int(sys.argv[3]))
+config = CheckpointConfig(checkpoint_dir=sys.argv[1], push_to_hub=True, hub_model_id="alice/logged", hub_endpoint=sys.argv[2])
+manager = CheckpointManager(config)
+manager.save(1, model=tiny.build_model("llama", seed=0), tokenizer=tiny.build_tokenizer())
+manager.finalize()
+"""
+
+
+def _publish_in_a_child(tmp_path: Path, endpoint: str, attempts: int) -> bytes:
+    """stderr of a process that saves one checkpoint with push_to_hub and finalizes, written to a pipe (as a job log is)."""
+    child = subprocess.run(
+        [sys.executable, "-c", PUBLISHING_CHILD, str(tmp_path / "ckpt"), endpoint, str(attempts)], capture_output=True, timeout=300
+    )
+    assert child.returncode == 0, child.stderr.decode()[-3000:]
+    return child.stderr
+
+
+def test_finalize_with_the_hub_down_writes_no_progress_bar_redraws_to_a_log(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: every request is refused, as when the Hub is down
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    log = _publish_in_a_child(tmp_path, endpoint, attempts=20)  # about 4 s of retries while finalize() waits
+    assert b"\r" not in log and b"Publishing to" not in log, log.decode()[-2000:]
+    assert b"1 checkpoint(s) are not on the Hub yet" in log, "the log still says what happened"
+    assert len(log.splitlines()) <= 5, log.decode()
+
+
+def test_retried_uploads_draw_no_progress_bars_in_a_log(server: HubServer, tmp_path: Path) -> None:
+    server.fail_next(3, status=500, path_contains="/commit/")  # each commit attempt re-runs the upload
+    log = _publish_in_a_child(tmp_path, server.url, attempts=5)
+    assert HfApi().file_exists("alice/logged", "model.safetensors", revision="step-1")
+    assert b"\r" not in log and b"Upload" not in log and b"model.safetensors:" not in log, log.decode()[-2000:]
