@@ -285,15 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser(
         "convert", help="convert an HF Trainer, Accelerate or NeMo-RL checkpoint folder into an hf_rl_ckpt checkpoint",
-        description="Convert a foreign checkpoint folder (HF Trainer checkpoint-N, Accelerate save_state, NeMo-RL legacy "
-        "step_N) into a new hf_rl_ckpt checkpoint OUT. Pickled source files (.pt, .bin, .pkl, DCP) are read only with "
+        description="Convert a foreign checkpoint folder (HF Trainer checkpoint-N, a LoRA run's included, which becomes an "
+        "adapter checkpoint; Accelerate save_state; NeMo-RL legacy step_N) into a new hf_rl_ckpt checkpoint OUT. Pickled source files (.pt, .bin, .pkl, DCP) are read only with "
         "--trust-pickle, and then only through weights-only loaders.",
     )
     p.add_argument("src", help="the folder to convert")
     p.add_argument("out", help="the checkpoint directory to create")
     p.add_argument("--trust-pickle", action="store_true", help="read the source's pickled files (torch.load(weights_only=True) only)")
     p.add_argument("--weights-only", action="store_true", help="convert the model weights only (no optimizer, scheduler, RNG)")
-    p.add_argument("--base-model", help="folder with the model's config.json, for sources that do not store it (Accelerate)")
+    p.add_argument("--base-model", help="folder with the model's config.json, for sources that do not store it (Accelerate; "
+                   "a LoRA checkpoint whose adapter_config.json names no base)")
     p.add_argument("--step", type=int, help="the step to record, for sources that do not say")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser(
