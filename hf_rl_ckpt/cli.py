@@ -286,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "convert", help="convert an HF Trainer, Accelerate or NeMo-RL checkpoint folder into an hf_rl_ckpt checkpoint",
         description="Convert a foreign checkpoint folder (HF Trainer checkpoint-N, a LoRA run's included, which becomes an "
-        "adapter checkpoint; Accelerate save_state; NeMo-RL legacy step_N) into a new hf_rl_ckpt checkpoint OUT. Pickled source files (.pt, .bin, .pkl, DCP) are read only with "
-        "--trust-pickle, and then only through weights-only loaders.",
+        "adapter checkpoint; Accelerate save_state; NeMo-RL legacy step_N) into a new hf_rl_ckpt checkpoint OUT. Pickled "
+        "source files (.pt, .bin, .pkl, DCP) are read only with --trust-pickle, and then only through weights-only loaders.",
     )
     p.add_argument("src", help="the folder to convert")
     p.add_argument("out", help="the checkpoint directory to create")

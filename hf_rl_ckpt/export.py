@@ -4,7 +4,7 @@ Without merging, the deployable folder is copied as it is: `model/consolidated/`
 `model/adapter/` for a PEFT run (serve it with its base, e.g. vLLM `--lora-modules`). With
 `merge_lora`, the adapter is merged into its base model and written as consolidated HF
 weights, for engines that cannot apply LoRA. What the export reads is verified first (a
-corrupt model is never exported; the training state, which an export does not need, is not
+damaged model is never exported; the training state, which an export does not read, is not
 checked) and the output appears whole or not at all: it is written beside `out` and renamed
 into place.
 """
@@ -27,6 +27,9 @@ from .state.model import save_consolidated
 from .state.peft import load_merged_model
 from .verify import verify_checkpoint
 
+#: The folders an export may read (a checkpoint holds one of them); a merge also reads config.yaml (cache dir, shard size).
+_MODEL_FOLDERS = (ADAPTER_DIR, CONSOLIDATED_DIR)
+
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge_lora: bool = False, base: str | None = None) -> Path:
     """Write the model of `checkpoint` to the new folder `out` and return it.
@@ -41,8 +44,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists():
         raise CheckpointError(f"export target {out} already exists; choose a new folder or remove it first")
-    folder = _model_folder(checkpoint, merge_lora)
-    verify_checkpoint(checkpoint, only=[folder, CONFIG_YAML] if merge_lora else [folder])
+    verify_checkpoint(checkpoint, only=_MODEL_FOLDERS + ((CONFIG_YAML,) if merge_lora else ()))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -50,7 +52,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
         if merge_lora:
             _write_merged(checkpoint, staging, base)
         else:
-            _copy_with_progress(checkpoint / folder, staging)
+            _copy_with_progress(_model_folder(checkpoint), staging)
         fsync_tree(staging)
         os.rename(staging, out)
     finally:
@@ -75,17 +77,9 @@ def _copy_with_progress(source: Path, target: Path) -> None:
         shutil.copytree(source, target, copy_function=copy)
 
 
-def _model_folder(checkpoint: Path, merge_lora: bool) -> str:
-    """The folder of `checkpoint` an export reads: the adapter to merge, else the deployable folder (relative)."""
-    if merge_lora:
-        if (checkpoint / ADAPTER_DIR).is_dir():
-            return ADAPTER_DIR
-        raise CheckpointError(
-            f"{checkpoint} holds no adapter ({ADAPTER_DIR}/), so there is no LoRA to merge; "
-            f"export it without --merge-lora to copy its {CONSOLIDATED_DIR}/ folder"
-        )
+def _model_folder(checkpoint: Path) -> Path:
     if (folder := deployable_dir(checkpoint)) is not None:
-        return folder
+        return checkpoint / folder
     raise CheckpointError(f"{checkpoint} holds no model folder ({CONSOLIDATED_DIR}/ or {ADAPTER_DIR}/); it was saved without weights")
 
 
@@ -93,6 +87,11 @@ def _write_merged(checkpoint: Path, out: Path, base: str | None) -> None:
     from transformers import AutoTokenizer
 
     adapter = checkpoint / ADAPTER_DIR
+    if not adapter.is_dir():
+        raise CheckpointError(
+            f"{checkpoint} holds no adapter ({ADAPTER_DIR}/), so there is no LoRA to merge; "
+            f"export it without --merge-lora to copy its {CONSOLIDATED_DIR}/ folder"
+        )
     settings = _checkpoint_settings(checkpoint)
     model = load_merged_model(adapter, base=base, cache_dir=settings.get("model_cache_dir"))
     tokenizer = AutoTokenizer.from_pretrained(adapter) if (adapter / "tokenizer_config.json").is_file() else None
