@@ -67,3 +67,17 @@ def test_manager_applies_topk_over_a_run(tmp_path, make_objects, caplog):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_3", "step_6"]
     assert manager.best().name == "step_6"
     assert "evicted step(s) 2, 5" in caplog.text
+
+
+def test_the_newest_is_the_most_recent_commit_not_the_highest_step():
+    """Resumed from step 20 of 10..40: the new timeline's save (25) is the newest, and is kept."""
+    by_metric = RetentionPolicy(1, "eval_loss", False)
+    assert _replay(by_metric, [(10, 1.0), (20, 0.5), (30, 0.7), (25, 0.6)]) == {20, 25}
+    assert _replay(by_metric, [(10, 1.0), (20, 0.5), (30, 0.7), (25, 0.6), (26, 0.9)]) == {20, 26}
+    by_recency = RetentionPolicy(2, "step", True)  # "the k most recent" follows the new timeline too
+    values = {s: metric_value({}, "step", s) for s in (10, 20, 30, 40, 21, 22)}
+    assert by_recency.retained(values) == {21, 22}
+
+
+def test_ties_prefer_the_more_recent_commit():
+    assert RetentionPolicy(1, "r", True).top_k({30: 0.5, 20: 0.5}) == [20]
