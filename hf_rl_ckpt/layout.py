@@ -38,8 +38,8 @@ COMMIT_SEQ = "commit_seq"
 _DIGITS_SPEC = re.compile(r"(0\d+)?d?")
 
 
-def parse_name_template(template: str) -> tuple[str, str, str]:
-    """(prefix, format spec, suffix) of a checkpoint name template such as `ckpt_{step:06d}`.
+def parse_name_template(template: str) -> tuple[str, str]:
+    """(text before, text after) the step field of a checkpoint name template such as `ckpt_{step:06d}`.
 
     The one rule for templates, used by config validation, `CheckpointLayout.of_run` and name
     parsing: exactly one `{step}` field, with no spec or a zero-padding one (`{step:06d}`,
@@ -67,7 +67,7 @@ def parse_name_template(template: str) -> tuple[str, str, str]:
         raise refuse("formats the step with a conversion or spec that does not give plain digits to parse back")
     prefix = "".join(text for text, *_ in pieces[: index + 1])
     suffix = "".join(text for text, *_ in pieces[index + 1:])
-    return prefix, spec, suffix
+    return prefix, suffix
 
 
 def commit_order(step: int, record: Mapping[str, Any]) -> tuple[int, str, int]:
@@ -195,7 +195,7 @@ class CheckpointLayout:
         The inverse of `step_name`: a name counts only if formatting its step gives it back
         (`step_040` is not step 40's name under `step_{step}`, nor `ckpt_40` under `ckpt_{step:06d}`).
         """
-        prefix, _spec, suffix = parse_name_template(self.name_template)
+        prefix, suffix = parse_name_template(self.name_template)
         match = re.fullmatch(re.escape(prefix) + r"(\d+)" + re.escape(suffix), name)
         if match is None:
             return None

@@ -311,7 +311,7 @@ class BaseCheckpointManager:
         cutoff = ranking[-1]
         return (
             f"its {name}={values[step]:.6g} is not in the top {k} ({'higher' if self.config.higher_is_better else 'lower'} is better; "
-            f"the {k}th best is {values[cutoff]:.6g} at step {cutoff}), and it is no longer the newest checkpoint"
+            f"the top {k} ends at step {cutoff} with {values[cutoff]:.6g}), and it is no longer the newest checkpoint"
         )
 
     def _saved_under_other_settings(self, rows: list[dict[str, Any]], data: dict[str, Any], evictable: set[int]) -> set[int]:
@@ -403,6 +403,7 @@ class CheckpointManager(BaseCheckpointManager):
                     logger.warning("restoring %s: a crash interrupted its replacement", original)
                     os.rename(entry, original)
                 else:
+                    logger.info("removing %s: an eviction or replacement interrupted by a crash left it there (no longer a checkpoint)", entry)
                     shutil.rmtree(entry)
             fsync_dir(self.layout.root)
         self.registry.reconcile()
@@ -503,7 +504,7 @@ class CheckpointManager(BaseCheckpointManager):
         if distributed.rank() == 0:
             try:
                 self._commit(step, staging, all_digests, metrics, epoch, extra_state, model, started)
-            except Exception as err:  # sealing failed before the rename (disk full, I/O error): nothing was committed
+            except Exception as err:  # sealing failed before the rename (disk full, I/O error): reported, staging removed
                 error = err
         self._raise_if_any_rank_failed(step, staging, error)
         return self.layout.step_dir(step)
