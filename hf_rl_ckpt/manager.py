@@ -435,14 +435,16 @@ class CheckpointManager(BaseCheckpointManager):
         """Write one checkpoint for `step` and commit it atomically; apply top-k retention.
 
         Args:
-            step: the global step; names the checkpoint (`step_<N>`).
+            step: the global step, an integer >= 0; names the checkpoint (`step_<N>`).
             model: the model (DDP/Accelerate-wrapped is fine); saved as a consolidated HF folder.
             optimizer, scheduler: saved for exact resume (`save_optimizer` can turn the first off).
             dataloader: something with `state_dict()`/`load_state_dict()`, e.g. `ResumableDataLoader`.
-            metrics: numbers for `training_info.json` and top-k ranking (`metric_name`).
+            metrics: numbers for `training_info.json` and top-k ranking (`metric_name`); numpy and
+                0-d tensor scalars are recorded as numbers, NaN/infinity as null (see `jsoncodec.plain`).
             tokenizer: saved into the consolidated folder so it is deployable as is.
             epoch: recorded in `training_info.json`.
-            extra_state: any JSON-able dict (e.g. your loop counters), returned by `resume` as `.extra`.
+            extra_state: any JSON-able dict with str keys (e.g. your loop counters), returned by
+                `resume` as `.extra`; recorded like `metrics`.
             extra_files: small files to store at the checkpoint root, by name (e.g. the Trainer's
                 `trainer_state.json`); listed in the manifest like every other file.
 
@@ -455,7 +457,9 @@ class CheckpointManager(BaseCheckpointManager):
         Raises:
             CheckpointSaveError: a write failed on some rank; nothing was committed and
                 earlier checkpoints are intact. With `async_save`, a background failure is
-                raised by the next `save` (or `finalize`), on every rank.
+                raised by the next `save` (or `finalize`), on every rank. Also, before
+                anything is written, for a step that is not an integer >= 0 and for a value
+                in `metrics`/`extra_state` that JSON cannot hold (naming its key).
         """
         if not self.config.enabled:
             return None

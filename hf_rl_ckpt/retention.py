@@ -67,6 +67,7 @@ class RetentionPolicy:
     [20, 30, 40]
     >>> sorted(policy.retained({10: 0.5, 20: 0.9, 30: 0.7, 15: 0.1}))  # resumed from step 10: step 15 is the newest
     [15, 20, 30]
+
     ```
     """
 
