@@ -19,8 +19,8 @@ def metric_value(metrics: Mapping[str, Any] | None, metric_name: str | None, ste
     """The value that ranks a checkpoint, or None when the metric was not recorded.
 
     `metric_name: step` always has a value (the step; `RetentionPolicy` ranks it by the
-    order of the commits, which differs from the step order after a rollback). Names like `val:reward` (NeMo-RL) also match a
-    nested `{"val": {"reward": ...}}` dict.
+    order of the commits, which differs from the step order after a rollback). Names like
+    `val:reward` (NeMo-RL) also match a nested `{"val": {"reward": ...}}` dict.
     """
     if metric_name is None:
         return None

@@ -53,11 +53,11 @@ def test_numpy_and_tensor_scalars_are_recorded_as_numbers(tmp_path, make_objects
 @pytest.mark.parametrize(
     ("record", "pattern"),
     [
-        ({"extra_state": {"ids": torch.ones(3)}}, r"extra_state\['ids'\] is a Tensor of shape \(3,\).*\.tolist\(\)"),
-        ({"extra_state": {"seen": {1, 2}}}, r"extra_state\['seen'\] is a set"),
+        ({"extra_state": {"ids": torch.ones(3)}}, r"extra_state\['ids'\] is of type Tensor with shape \(3,\).*\.tolist\(\)"),
+        ({"extra_state": {"seen": {1, 2}}}, r"extra_state\['seen'\] is of type set, which cannot be recorded as JSON"),
         ({"extra_state": {"per_rank": {0: 1.0}}}, r"extra_state\['per_rank'\] has the key 0 \(int\)"),
-        ({"metrics": {"sample": object()}}, r"metrics\['sample'\] is a object"),
-        ({"metrics": {"probs": np.zeros((2, 2))}}, r"metrics\['probs'\] is a ndarray of shape \(2, 2\)"),
+        ({"metrics": {"sample": object()}}, r"metrics\['sample'\] is of type object"),
+        ({"metrics": {"probs": np.zeros((2, 2))}}, r"metrics\['probs'\] is of type ndarray with shape \(2, 2\)"),
     ],
 )
 def test_values_json_cannot_hold_are_refused_before_writing(tmp_path, make_objects, record, pattern, async_save):

@@ -86,7 +86,7 @@ def plain(value: Any, where: str) -> Any:
     if isinstance(value, (torch.Tensor, np.ndarray)):
         if value.ndim != 0:
             raise CheckpointSaveError(
-                f"{where} is a {type(value).__name__} of shape {tuple(value.shape)}, which cannot be recorded as a JSON value; "
+                f"{where} is of type {type(value).__name__} with shape {tuple(value.shape)}, which cannot be recorded as a JSON value; "
                 "pass a number (.item()) or a list (.tolist())"
             )
         value = value.item()
@@ -107,6 +107,6 @@ def plain(value: Any, where: str) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(item, f"{where}[{index}]") for index, item in enumerate(value)]
     raise CheckpointSaveError(
-        f"{where} is a {type(value).__name__}, which cannot be recorded as JSON; "
+        f"{where} is of type {type(value).__name__}, which cannot be recorded as JSON; "
         "keep only numbers, strings, booleans, None, lists and dicts there"
     )
