@@ -63,7 +63,7 @@ from .async_save import (
 )
 from .state import jsoncodec
 from .state.dataloader import capture_dataloader, load_dataloader
-from .state.model import deduplicated_state_dict, load_consolidated, save_consolidated, save_hf_metadata, save_weights, unwrap_model
+from .state.model import deduplicated_state_dict, load_consolidated, save_consolidated, save_hf_metadata, save_weights, unwrap_model, weights_dtype
 from .state.optim import capture_optimizer, check_optimizer_fits, load_optimizer, write_optimizer_dcp, write_optimizer_tensors
 from .state.peft import is_peft_model, load_adapter, save_adapter
 from .state.rng import capture_rng, load_rng
@@ -825,7 +825,7 @@ class CheckpointManager(BaseCheckpointManager):
             "model": {
                 "class": type(inner).__name__,
                 "num_parameters": sum(p.numel() for p in inner.parameters()),
-                "dtype": str(next(inner.parameters()).dtype).removeprefix("torch.") if any(True for _ in inner.parameters()) else None,
+                "dtype": str(dtype).removeprefix("torch.") if (dtype := weights_dtype(inner)) is not None else None,
             } if inner is not None else None,
             "extra": extra_state,
             "manifest": build_manifest(staging, digests),

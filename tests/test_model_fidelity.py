@@ -152,3 +152,4 @@ def test_model_cast_after_construction_records_the_dtype_it_was_written_in(tmp_p
         # Weights, not logits: `.to()` also cast the rotary inv_freq buffer, which from_pretrained keeps in fp32.
         assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in loaded.state_dict().items())
     assert os.path.realpath(tmp_path / "serve") == str(published)
+    assert json.loads((path / "training_info.json").read_text())["model"]["dtype"] == "bfloat16"
