@@ -11,7 +11,7 @@ Checked against (the floors are `ci/oldest.txt`, run by `.ci/run` next to the ne
 |--------------|----------------|----------------|
 | torch        | 2.13           | 2.13           |
 | transformers | 5.18.0         | 5.25.0         |
-| accelerate   | 1.10.0         | 1.16.0         |
+| accelerate   | 1.13.0         | 1.16.0         |
 
 Where a public API does the job it is used instead (Accelerate's
 `register_save_state_pre_hook`, torch's `Optimizer.register_step_pre_hook`, DCP's
