@@ -1,6 +1,7 @@
 """`hf-rl-ckpt export CKPT OUT.tar`: a checkpoint's deployable model as one archive, like a `.nemo` file.
 
-The archive holds one folder, named after the archive (`model.tar` -> `model/`), with what
+The archive holds one folder, named after the archive it was written as (`model.tar` ->
+`model/`; renaming the file later changes nothing inside it), with what
 serving needs and nothing that needs pickle: `config.json`, the safetensors weights (or the
 PEFT adapter), `generation_config.json`, the tokenizer files, the model card `README.md`,
 and `hf_rl_ckpt_bundle.json` (the source step and metrics, and the size and sha256 of every
@@ -10,9 +11,10 @@ file). So both of these work:
     hf-rl-ckpt verify model.tar          # or extract_bundle("model.tar", "dest") in Python
 
 The model folder is produced by `hf_rl_ckpt.export.export_checkpoint` (which verifies the
-checkpoint first and can merge a LoRA adapter). Extraction uses tarfile's `data` filter and
-additionally refuses anything but regular files and directories inside the one folder, so
-a hostile archive can write nowhere else; the files are then checked against
+checkpoint first and can merge a LoRA adapter). The name decides the compression: `.tar` is
+a plain tar, `.tar.gz` and `.tgz` are gzip-compressed. Extraction uses tarfile's `data`
+filter and additionally refuses anything but regular files and directories inside the one
+folder, so a hostile archive can write nowhere else; the files are then checked against
 `hf_rl_ckpt_bundle.json`. Archives are written to a temporary name and renamed into place.
 """
 
@@ -30,16 +32,17 @@ from .atomic import fsync_dir, sha256_file
 from .errors import CheckpointError, CorruptCheckpointError
 from .export import export_checkpoint
 from .layout import MODEL_CARD, safe_join
-from .verify import list_files, read_training_info
+from .verify import list_files, verify_checkpoint
 
 BUNDLE_INFO = "hf_rl_ckpt_bundle.json"
 BUNDLE_FORMAT = "hf_rl_ckpt-bundle"
 BUNDLE_VERSION = 1
-_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+_GZIP_SUFFIXES = (".tar.gz", ".tgz")
+_SUFFIXES = _GZIP_SUFFIXES + (".tar",)
 
 
 def bundle_name(archive: str | os.PathLike) -> str:
-    """The folder inside an archive: its file name without `.tar`, `.tar.gz` or `.tgz`."""
+    """The folder `export_bundle` puts in a new archive: its file name without `.tar`, `.tar.gz` or `.tgz`."""
     name = Path(archive).name
     for suffix in _SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
@@ -52,23 +55,27 @@ def is_bundle_path(path: str | os.PathLike) -> bool:
     return str(path).endswith(_SUFFIXES)
 
 
+def is_compressed_bundle_path(path: str | os.PathLike) -> bool:
+    """True for a bundle name that `export_bundle` writes gzip-compressed (`.tar.gz`, `.tgz`; `.tar` is plain)."""
+    return str(path).endswith(_GZIP_SUFFIXES)
+
+
 def export_bundle(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    compress: bool = True,
     merge_lora: bool = False,
     base: str | None = None,
 ) -> Path:
-    """Write the model of `checkpoint` as the archive `out` (gzip-compressed unless `compress=False`)."""
+    """Write the model of `checkpoint` as the archive `out`, gzip-compressed when its name ends in `.tar.gz` or `.tgz`."""
     checkpoint, out = Path(checkpoint), Path(out)
     name = bundle_name(out)
     if out.exists():
         raise CheckpointError(f"export target {out} already exists; choose a new file or remove it first")
     out.parent.mkdir(parents=True, exist_ok=True)
+    info = verify_checkpoint(checkpoint, only=[MODEL_CARD])  # the model card goes in too; export_checkpoint checks the model
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
         folder = export_checkpoint(checkpoint, Path(work) / name, merge_lora=merge_lora, base=base)
-        info = read_training_info(checkpoint)
         if (checkpoint / MODEL_CARD).is_file() and not (folder / MODEL_CARD).exists():
             shutil.copyfile(checkpoint / MODEL_CARD, folder / MODEL_CARD)
         files = {rel: {"size": os.path.getsize(folder / rel), "sha256": sha256_file(folder / rel)} for rel in list_files(folder)}
@@ -81,7 +88,7 @@ def export_bundle(
         }
         (folder / BUNDLE_INFO).write_text(json.dumps(description, indent=2) + "\n")
         partial = Path(work) / out.name
-        with tarfile.open(partial, "w:gz" if compress else "w") as archive:
+        with tarfile.open(partial, "w:gz" if is_compressed_bundle_path(out) else "w") as archive:
             archive.add(folder, arcname=name, recursive=False, filter=_normalised)
             for rel in sorted(files) + [BUNDLE_INFO]:
                 archive.add(folder / rel, arcname=f"{name}/{rel}", filter=_normalised)
@@ -108,18 +115,30 @@ def _check_member(archive: Path, name: str, member: tarfile.TarInfo) -> None:
         raise CorruptCheckpointError(archive, f"refusing member {member.name!r}: it would land outside {name}/")
 
 
+def _bundle_folder(archive: Path, members: list[tarfile.TarInfo]) -> str:
+    """The one folder a bundle holds, taken from the archive itself (as `tar -xf` does): the file may have been renamed."""
+    if not members:
+        raise CorruptCheckpointError(archive, "the archive is empty: not an hf_rl_ckpt bundle")
+    parts = Path(members[0].name).parts
+    return parts[0] if parts else members[0].name  # every member, this one included, is then checked to lie inside it
+
+
 def extract_bundle(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Safely extract the bundle `archive` into the directory `dest`; return the model folder, checked against its file list."""
+    """Safely extract the bundle `archive` into the directory `dest`; return the model folder, checked against its file list.
+
+    The folder is the one the archive holds (`model/` for a bundle exported as `model.tar`,
+    whatever the archive's file is called now).
+    """
     archive, dest = Path(archive), Path(dest)
-    name = bundle_name(archive)
     dest.mkdir(parents=True, exist_ok=True)
-    if (dest / name).exists():
-        raise CheckpointError(f"{dest / name} already exists; extract into another directory")
     try:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
+            name = _bundle_folder(archive, members)
             for member in members:
                 _check_member(archive, name, member)
+            if (dest / name).exists():
+                raise CheckpointError(f"{dest / name} already exists; extract {archive} into another directory")
             tar.extractall(dest, members=members, filter="data")
     except (tarfile.TarError, EOFError) as err:  # FilterError, ReadError, truncated gzip stream
         raise CorruptCheckpointError(archive, f"not a readable bundle archive ({err})") from err

@@ -3,15 +3,16 @@
 Commands (each has `--help`):
     list DIR [--json] [--verify]     the committed checkpoints of a run, with metrics and top-k rank
     inspect CKPT [--json]            one checkpoint: files, sizes, dtypes, parameter count, metrics, Hub status
-    verify CKPT|BUNDLE.tar           re-hash every file against the manifest (or the bundle's file list)
-    export CKPT OUT [--merge-lora]   the model folder; OUT ending in .tar/.tar.gz/.tgz writes a single-file bundle
+    verify CKPT|BUNDLE               re-hash every file against the manifest (or the bundle's file list)
+    export CKPT OUT [--merge-lora]   the model folder; OUT ending in .tar (plain) or .tar.gz/.tgz (gzip) writes a single-file bundle
     convert SRC OUT                  an HF Trainer / Accelerate / NeMo-RL checkpoint folder into our layout
     push CKPT --repo-id ID           publish to the Hugging Face Hub
     plot DIR                         the ranking metric vs step
 
-Exit codes: 0 success; 1 a check failed (`verify` found a bad file, `inspect` a corrupt
-checkpoint, a push failed); 2 bad usage or bad input: not a checkpoint, a refused pickle,
-an existing output (argparse also exits 2 on usage errors).
+Exit codes: 0 success; 1 a check failed (`verify` found a bad file, `list` or `inspect` a
+corrupt checkpoint, `export` or `push` a damaged model, a push failed); 2 bad usage or bad
+input: not a checkpoint, a refused pickle, an existing output, an invalid repo id (argparse
+also exits 2 on usage errors).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .config import check_repo_id
 from .errors import CheckpointError, CorruptCheckpointError
 from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, TRAINING_INFO, CheckpointLayout
 from .registry import Registry
@@ -77,9 +79,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"error: {directory} is not a directory", file=sys.stderr)
         return EXIT_BAD_INPUT
     rows = list_rows(directory, checksums=args.verify)
+    # Like `verify` and `inspect`: a check that found a damaged checkpoint fails the command, whatever the output format.
+    exit_code = EXIT_CHECK_FAILED if any(row["status"].startswith("CORRUPT") for row in rows) else EXIT_OK
     if args.json:
         print(json.dumps(rows, indent=2))
-        return EXIT_OK
+        return exit_code
     if not rows:
         print(f"no committed checkpoints in {directory}")
         return EXIT_OK
@@ -94,14 +98,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
         if index == 0:
             print("  ".join("-" * width for width in widths))
-    return EXIT_OK
+    return exit_code
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .bundle import is_bundle_path, verify_bundle
+    from .bundle import verify_bundle
 
     path = Path(args.ckpt)
-    if is_bundle_path(path) and path.is_file():
+    if path.is_file():  # a checkpoint is a folder, so a file is a bundle, whatever it is named now
         try:
             description = verify_bundle(path)
         except CorruptCheckpointError as err:
@@ -122,16 +126,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .bundle import export_bundle, is_bundle_path  # imports transformers/peft: only for this command
+    from .bundle import export_bundle, is_bundle_path, is_compressed_bundle_path  # imports transformers/peft: only for this command
     from .export import export_checkpoint
 
-    if is_bundle_path(args.out):
-        out = export_bundle(args.ckpt, args.out, compress=not args.no_compress, merge_lora=args.merge_lora, base=args.base)
-    elif args.no_compress:
-        print("error: --no-compress applies to a single-file export; name OUT like model.tar", file=sys.stderr)
+    if args.no_compress and (not is_bundle_path(args.out) or is_compressed_bundle_path(args.out)):
+        what = "ends in .tar.gz/.tgz, which is always gzip-compressed" if is_bundle_path(args.out) else "is a folder, not an archive"
+        print(f"error: --no-compress asks for a plain .tar, but OUT {args.out} {what}; name OUT like model.tar", file=sys.stderr)
         return EXIT_BAD_INPUT
-    else:
-        out = export_checkpoint(args.ckpt, args.out, merge_lora=args.merge_lora, base=args.base)
+    try:
+        if is_bundle_path(args.out):
+            out = export_bundle(args.ckpt, args.out, merge_lora=args.merge_lora, base=args.base)
+        else:
+            out = export_checkpoint(args.ckpt, args.out, merge_lora=args.merge_lora, base=args.base)
+    except CorruptCheckpointError as err:
+        print(f"FAILED {err.path}: {err.reason}; a damaged model is not exported", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     print(f"exported {args.ckpt} -> {out}" + (" (LoRA merged into its base)" if args.merge_lora else ""))
     return EXIT_OK
 
@@ -209,13 +218,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub.publish import HubAuthError, HubPublishError, HubUnavailableError, publish_checkpoint  # only this command talks to the Hub
 
+    check_repo_id(args.repo_id, "--repo-id")
     path = Path(args.ckpt)
     if not (path / TRAINING_INFO).is_file():
         print(f"error: {path} is not a committed checkpoint (no {TRAINING_INFO})", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         sha = publish_checkpoint(
-            path, args.repo_id, revision=args.revision, private=args.private, include_training_state=args.include_training_state
+            path, args.repo_id, revision=args.revision, private=not args.public, include_training_state=args.include_training_state
         )
     except CorruptCheckpointError as err:
         print(f"FAILED {err.path}: {err.reason}; a damaged checkpoint is not pushed", file=sys.stderr)
@@ -252,20 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default: DIR/metrics.png)")
     p.add_argument("--metric", help="metric to plot (default: the run's metric_name)")
     p.set_defaults(func=cmd_plot)
-    p = sub.add_parser("verify", help="re-hash every file of a checkpoint against its manifest")
-    p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40")
+    p = sub.add_parser("verify", help="re-hash every file of a checkpoint against its manifest (or of a bundle against its file list)")
+    p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40, or a bundle file written by `export`, e.g. model.tar")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser(
         "export", help="copy a checkpoint's model folder out (or merge its LoRA adapter into the base), as a folder or one .tar file",
         description="Export the deployable model of a checkpoint. OUT ending in .tar, .tar.gz or .tgz writes a single-file "
         "bundle (config, weights, tokenizer, model card, file list) that `tar -xf` + `from_pretrained` and "
-        "`hf-rl-ckpt verify OUT` both read; any other OUT is a new folder.",
+        "`hf-rl-ckpt verify OUT` both read, gzip-compressed for .tar.gz/.tgz and plain for .tar; any other OUT is a new "
+        "folder. Only the model is checked and exported: a damaged model fails (exit 1), missing training state does not.",
     )
     p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40")
     p.add_argument("out", help="the folder to create, or the archive to create (model.tar, model.tar.gz)")
     p.add_argument("--merge-lora", action="store_true", help="merge the adapter into its base model and write consolidated weights")
     p.add_argument("--base", help="base model folder or cached Hub id to merge into (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--no-compress", action="store_true", help="write the .tar uncompressed (faster for large safetensors)")
+    p.add_argument("--no-compress", action="store_true", help="assert that the archive is written uncompressed: OUT must end in .tar "
+                   "(.tar is always plain, .tar.gz/.tgz always gzip; plain is faster for large safetensors)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("inspect", help="one checkpoint: files, sizes, dtypes, parameter count, metrics, Hub status")
     p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40")
@@ -273,15 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser(
         "convert", help="convert an HF Trainer, Accelerate or NeMo-RL checkpoint folder into an hf_rl_ckpt checkpoint",
-        description="Convert a foreign checkpoint folder (HF Trainer checkpoint-N, Accelerate save_state, NeMo-RL legacy "
-        "step_N) into a new hf_rl_ckpt checkpoint OUT. Pickled source files (.pt, .bin, .pkl, DCP) are read only with "
-        "--trust-pickle, and then only through weights-only loaders.",
+        description="Convert a foreign checkpoint folder (HF Trainer checkpoint-N, a LoRA run's included, which becomes an "
+        "adapter checkpoint; Accelerate save_state; NeMo-RL legacy step_N) into a new hf_rl_ckpt checkpoint OUT. Pickled "
+        "source files (.pt, .bin, .pkl, DCP) are read only with --trust-pickle, and then only through weights-only loaders.",
     )
     p.add_argument("src", help="the folder to convert")
     p.add_argument("out", help="the checkpoint directory to create")
     p.add_argument("--trust-pickle", action="store_true", help="read the source's pickled files (torch.load(weights_only=True) only)")
     p.add_argument("--weights-only", action="store_true", help="convert the model weights only (no optimizer, scheduler, RNG)")
-    p.add_argument("--base-model", help="folder with the model's config.json, for sources that do not store it (Accelerate)")
+    p.add_argument("--base-model", help="folder with the model's config.json, for sources that do not store it (Accelerate; "
+                   "a LoRA checkpoint whose adapter_config.json names no base)")
     p.add_argument("--step", type=int, help="the step to record, for sources that do not say")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser(
@@ -294,8 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40")
     p.add_argument("--repo-id", required=True, help="the model repo, e.g. your-name/my-run (created if missing)")
     p.add_argument("--revision", default="main", help="the branch to push to, e.g. step-40 (created if missing; default: main)")
-    p.add_argument("--private", action="store_true", help="create the repo private when it does not exist yet")
-    p.add_argument("--include-training-state", action="store_true", help="also push optimizer, RNG, data position... under training_state/")
+    visibility = p.add_mutually_exclusive_group()
+    visibility.add_argument("--public", action="store_true", help="create the repo public when it does not exist yet (default: private, "
+                            "like hub_private: true); an existing repo keeps its visibility")
+    visibility.add_argument("--private", action="store_true", help="create the repo private (the default; kept for scripts that pass it)")
+    p.add_argument("--include-training-state", action="store_true", help="also push the rest of the checkpoint under training_state/, "
+                   "as hub_push_training_state does: optimizer and scheduler state, RNG, data position, training_info.json and "
+                   "config.yaml (the run's training config). Default: only the model folder and its model card")
     p.set_defaults(func=cmd_push)
     for command in sub.choices.values():
         command.epilog = EXIT_CODES_HELP

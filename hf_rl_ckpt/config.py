@@ -158,12 +158,7 @@ class CheckpointConfig:
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("push_to_hub is true but hub_model_id is not set; set hub_model_id to the repo to publish to, e.g. 'your-name/my-run'.")
         if self.hub_model_id is not None:
-            from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-            try:
-                validate_repo_id(self.hub_model_id)
-            except HFValidationError as err:
-                raise ConfigError(f"hub_model_id {self.hub_model_id!r} is not a Hub repo id ({err}); use 'namespace/name', e.g. 'your-name/my-run'.") from err
+            check_repo_id(self.hub_model_id, "hub_model_id")
         if self.hub_endpoint is not None and not re.match(r"https?://[^/\s]+", self.hub_endpoint):
             raise ConfigError(f"hub_endpoint must be an http(s) URL such as 'https://huggingface.co' (got {self.hub_endpoint!r}); leave it unset for the default Hub.")
 
@@ -330,3 +325,13 @@ def parse_duration(text: str, field_name: str) -> float:
     for part, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
         seconds += int(part) * unit
     return float(seconds)
+
+
+def check_repo_id(repo_id: str, field_name: str) -> None:
+    """Refuse a Hub repo id that huggingface_hub's own validator rejects, naming the field it came from."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ConfigError(f"{field_name} {repo_id!r} is not a Hub repo id ({err}); use 'namespace/name', e.g. 'your-name/my-run'.") from err

@@ -5,7 +5,11 @@ Recognised sources (`detect_format`):
 - `hf_trainer`: a `transformers.Trainer` `checkpoint-N` folder (`model.safetensors` or
   `pytorch_model.bin`, `optimizer.pt`, `scheduler.pt`, `rng_state.pth`, `trainer_state.json`,
   tokenizer files). `trainer_state.json` is kept at the checkpoint root, where
-  `CheckpointCallback` (and so `trainer.train(resume_from_checkpoint=OUT)`) reads it.
+  `CheckpointCallback` (and so `trainer.train(resume_from_checkpoint=OUT)`) reads it. The
+  `checkpoint-N` of a PEFT (LoRA) run holds `adapter_model.safetensors` + `adapter_config.json`
+  instead of the model: it becomes an adapter checkpoint (`model/adapter/`), and the base
+  model's config comes from `base_model`, else from the adapter config's
+  `base_model_name_or_path` (a local folder or a Hub id already in the local cache).
 - `accelerate`: an `accelerator.save_state()` folder (`model.safetensors`, `optimizer.bin`,
   `scheduler.bin`, `random_states_0.pkl`). It holds no model config: pass `base_model`.
 - `nemo_rl`: NeMo-RL's legacy `step_N` layout: `policy/weights` and `policy/optimizer` as
@@ -15,11 +19,12 @@ Recognised sources (`detect_format`):
   `config.yaml`'s `policy.model_name` (a local folder or a Hub id already in the local cache).
 
 How: the source is read into memory, a model is built from its config on the meta device
-and the weights are *assigned* (one copy of the weights in memory, not two), the optimizer
-state is loaded into a neutral optimizer over the model's named parameters (the
-parameter-index-to-name mapping is validated against every state tensor's shape), and
-then `CheckpointManager.save` writes it: the result is an ordinary checkpoint, byte for
-byte what a run would have saved, and it appears at OUT whole or not at all.
+and the weights are *assigned* (one copy of the weights in memory, not two; an adapter is
+loaded into its PeftModel around a base that stays on the meta device, since an adapter
+checkpoint never holds the base), the optimizer state is loaded into a neutral optimizer
+over the model's trainable named parameters (the parameter-index-to-name mapping is
+validated against every state tensor's shape), and then `CheckpointManager.save` writes
+it: the result is an ordinary checkpoint, byte for byte what a run would have saved, and it appears at OUT whole or not at all.
 
 Pickles: every source above except a safetensors-only weights conversion holds pickled
 files. They are read only with `trust_pickle=True` (`--trust-pickle`), and then only
@@ -53,7 +58,8 @@ from .errors import CheckpointError, CorruptCheckpointError
 from .layout import TRAINING_INFO
 from .manager import CheckpointManager
 from .state.dataloader import preserve_global_rng
-from .state.model import BIN_INDEX, BIN_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS, read_weights, weight_files
+from .state.model import BIN_INDEX, BIN_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS, check_tensors, read_weights, weight_files
+from .state.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .state.pickled import DCP_METADATA, load_pickled, read_dcp, require_trust
 
 logger = logging.getLogger("hf_rl_ckpt")
@@ -74,6 +80,8 @@ class SourceState:
 
     `optimizer` is a torch optimizer `state_dict()`: keyed by parameter index (torch,
     Trainer, Accelerate) or by parameter name (`get_optimizer_state_dict`, NeMo-RL).
+    With `adapter_dir` (a PEFT run), `weights` are the adapter's, `adapter_dir` holds its
+    adapter_config.json and `config_source` is the base model's config.
     """
 
     format: str
@@ -91,6 +99,7 @@ class SourceState:
     epoch: float | None = None
     extra_files: dict[str, bytes] = field(default_factory=dict)
     training_config: dict[str, Any] = field(default_factory=dict)
+    adapter_dir: Path | None = None
 
 
 # ---------------------------------------------------------------- detection
@@ -102,11 +111,16 @@ def detect_format(path: str | os.PathLike) -> str | None:
     if (path / "policy" / "weights" / DCP_METADATA).is_file():
         return "nemo_rl"
     has_weights = any((path / name).is_file() for name in _WEIGHT_NAMES)
-    if has_weights and (path / TRAINER_STATE).is_file():
+    if (has_weights or _is_adapter_folder(path)) and (path / TRAINER_STATE).is_file():
         return "hf_trainer"
     if has_weights and ((path / "optimizer.bin").is_file() or any(path.glob("random_states_*.pkl"))):
         return "accelerate"
     return None
+
+
+def _is_adapter_folder(path: Path) -> bool:
+    """True for a folder PEFT's `save_pretrained` wrote (what the Trainer saves for a LoRA run)."""
+    return (path / ADAPTER_WEIGHTS).is_file() and (path / ADAPTER_CONFIG).is_file()
 
 
 def _step_from_name(path: Path) -> int | None:
@@ -127,8 +141,7 @@ def _numbers(mapping: Mapping[str, Any], skip: tuple[str, ...] = ()) -> dict[str
     return {k: v for k, v in mapping.items() if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _weights(folder: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], Path]:
-    files = weight_files(folder)
+def _weights(files: list[Path], trust_pickle: bool) -> tuple[dict[str, torch.Tensor], Path]:
     state: dict[str, torch.Tensor] = {}
     for path in files:
         state.update(read_weights(path, trust_pickle=trust_pickle))
@@ -144,10 +157,10 @@ class _TorchSaveParts:
     rng: str
     rng_keys: tuple[str, str, str]  # python `random`, numpy, torch CPU
 
-    def pickles(self, src: Path, weights_only: bool) -> list[Path]:
-        """Every pickled file of `src` a conversion would read (weights included)."""
+    def pickles(self, src: Path, weights_only: bool, weights: list[Path]) -> list[Path]:
+        """Every pickled file of `src` a conversion would read (the weight files `weights` included)."""
         parts = [] if weights_only else [src / name for name in (self.optimizer, self.scheduler, self.rng) if (src / name).is_file()]
-        return parts + [f for f in weight_files(src) if f.suffix != ".safetensors"]
+        return parts + [f for f in weights if f.suffix != ".safetensors"]
 
     def read_into(self, source: SourceState, src: Path, trust_pickle: bool) -> None:
         """Load the optimizer, scheduler and RNG state present in `src` into `source`."""
@@ -171,21 +184,35 @@ _ACCELERATE_PARTS = _TorchSaveParts("optimizer.bin", "scheduler.bin", "random_st
 
 # ---------------------------------------------------------------- readers
 def _read_hf_trainer(src: Path, *, trust_pickle: bool, weights_only: bool, base_model: str | None, step: int | None) -> SourceState:
-    require_trust(_TRAINER_PARTS.pickles(src, weights_only), trust_pickle, f"converting the HF Trainer checkpoint {src}")
+    adapter = _is_adapter_folder(src)
+    files = [src / ADAPTER_WEIGHTS] if adapter else weight_files(src)
+    require_trust(_TRAINER_PARTS.pickles(src, weights_only, files), trust_pickle, f"converting the HF Trainer checkpoint {src}")
     state = _read_json(src / TRAINER_STATE)
     if not isinstance(state, dict):
         raise CorruptCheckpointError(src / TRAINER_STATE, "expected a JSON object")
     global_step = step if step is not None else int(state.get("global_step") or _step_from_name(src) or 0)
     logged = [e for e in state.get("log_history") or [] if isinstance(e, dict) and e.get("step") == global_step]
-    weights, weights_file = _weights(src, trust_pickle)
+    weights, weights_file = _weights(files, trust_pickle)
     source = SourceState(
-        "hf_trainer", global_step, weights, weights_file, base_model or str(src), tokenizer_dir=src,
+        "hf_trainer", global_step, weights, weights_file, base_model or (_adapter_base(src) if adapter else str(src)), tokenizer_dir=src,
         metrics={k: v for entry in logged for k, v in _numbers(entry, ("step", "epoch")).items()},
-        epoch=state.get("epoch"), extra_files={TRAINER_STATE: (src / TRAINER_STATE).read_bytes()},
+        epoch=state.get("epoch"), extra_files={TRAINER_STATE: (src / TRAINER_STATE).read_bytes()}, adapter_dir=src if adapter else None,
     )
     if not weights_only:
         _TRAINER_PARTS.read_into(source, src, trust_pickle)
     return source
+
+
+def _adapter_base(src: Path) -> str:
+    """The base model an adapter folder names (`base_model_name_or_path` of its adapter_config.json)."""
+    config = _read_json(src / ADAPTER_CONFIG)
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(
+            f"{src / ADAPTER_CONFIG} names no base_model_name_or_path (the base was built in memory); pass --base-model DIR "
+            "(base_model=...) naming a folder with the base model's config.json"
+        )
+    return base
 
 
 def _read_accelerate(src: Path, *, trust_pickle: bool, weights_only: bool, base_model: str | None, step: int | None) -> SourceState:
@@ -197,8 +224,9 @@ def _read_accelerate(src: Path, *, trust_pickle: bool, weights_only: bool, base_
     global_step = step if step is not None else _step_from_name(src)
     if global_step is None:
         raise CheckpointError(f"cannot tell which step {src} was saved at; pass --step N (step=...)")
-    require_trust(_ACCELERATE_PARTS.pickles(src, weights_only), trust_pickle, f"converting the Accelerate checkpoint {src}")
-    weights, weights_file = _weights(src, trust_pickle)
+    files = weight_files(src)
+    require_trust(_ACCELERATE_PARTS.pickles(src, weights_only, files), trust_pickle, f"converting the Accelerate checkpoint {src}")
+    weights, weights_file = _weights(files, trust_pickle)
     source = SourceState("accelerate", global_step, weights, weights_file, base_model)
     if not weights_only:
         _ACCELERATE_PARTS.read_into(source, src, trust_pickle)
@@ -249,8 +277,8 @@ _READERS: dict[str, Callable[..., SourceState]] = {"hf_trainer": _read_hf_traine
 
 
 # ---------------------------------------------------------------- rebuilding live objects
-def _build_model(source: SourceState) -> torch.nn.Module:
-    """The model class of the source's config, on the meta device, with the weights assigned (no second copy)."""
+def _meta_model(source: SourceState) -> tuple[torch.nn.Module, str]:
+    """The model class of the source's config, built on the meta device (no memory for weights), and its name."""
     import transformers
 
     try:
@@ -264,7 +292,16 @@ def _build_model(source: SourceState) -> torch.nn.Module:
     if model_cls is None:
         raise CheckpointError(f"the config at {source.config_source} names no architecture transformers provides ({architecture!r})")
     with torch.device("meta"):
-        model = model_cls._from_config(config)
+        return model_cls._from_config(config), architecture
+
+
+def _build_model(source: SourceState) -> torch.nn.Module:
+    """The source's model with its weights assigned (no second copy); a PEFT source's PeftModel with its adapter loaded."""
+    import transformers
+
+    if source.adapter_dir is not None:
+        return _build_peft_model(source, source.adapter_dir)
+    model, architecture = _meta_model(source)
     result = model.load_state_dict(source.weights, strict=False, assign=True)
     if result.unexpected_keys:
         raise CorruptCheckpointError(
@@ -281,16 +318,53 @@ def _build_model(source: SourceState) -> torch.nn.Module:
     return model
 
 
+def _build_peft_model(source: SourceState, adapter_dir: Path) -> torch.nn.Module:
+    """A PeftModel of `adapter_dir`'s adapter config around the base model (left on the meta device), holding the adapter weights.
+
+    An adapter checkpoint never reads or writes the base weights, so only the adapter's own
+    (trainable) parameters are given memory, and filled through peft's own key mapping.
+    The loaded adapter must read back exactly as the file holds it (names, shapes, dtypes, values).
+    """
+    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    base, _ = _meta_model(source)
+    try:
+        peft_config = PeftConfig.from_pretrained(adapter_dir)
+    except (OSError, ValueError, TypeError) as err:
+        raise CorruptCheckpointError(adapter_dir / ADAPTER_CONFIG, f"not a PEFT adapter config peft can read ({err})") from err
+    peft_config.inference_mode = False  # as during training: the adapter's parameters are trainable, the optimizer's
+    peft_config.base_model_name_or_path = peft_config.base_model_name_or_path or source.config_source
+    model = get_peft_model(base, peft_config)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.requires_grad:
+                setattr(module, name, torch.nn.Parameter(torch.empty_like(param, device="cpu")))
+    expected = {key: tuple(tensor.shape) for key, tensor in get_peft_model_state_dict(model).items()}
+    check_tensors(
+        expected, expected, {key: (tuple(tensor.shape), source.weights_file) for key, tensor in source.weights.items()},
+        f"the adapter weights in {source.weights_file} do not fit {adapter_dir / ADAPTER_CONFIG} on the base {source.config_source} "
+        "(another rank, target_modules or base model? check --base-model)",
+    )
+    with torch.no_grad():
+        set_peft_model_state_dict(model, source.weights)
+    loaded = get_peft_model_state_dict(model)
+    changed = [key for key, tensor in source.weights.items() if loaded[key].dtype != tensor.dtype or not torch.equal(loaded[key], tensor)]
+    if changed:
+        raise CorruptCheckpointError(source.weights_file, f"adapter tensors do not load as saved (dtype or values): {', '.join(changed[:8])}")
+    return model
+
+
 def _param_orders(model: torch.nn.Module, group_sizes: list[int]) -> dict[str, list[list[str]]]:
     """Candidate assignments of parameter names to the optimizer's groups, in parameter-index order.
 
     Index order is how a torch optimizer numbers parameters: group after group, in the order
     they were passed. Plain loops pass `model.parameters()` (split into consecutive groups);
-    `transformers.Trainer` passes its weight-decay group first, then the rest.
+    `transformers.Trainer` passes its weight-decay group first, then the rest. Only trainable
+    parameters count (the Trainer leaves frozen ones out: a LoRA run optimizes its adapter).
     """
     from transformers import Trainer
 
-    names = [name for name, _ in model.named_parameters()]
+    names = [name for name, param in model.named_parameters() if param.requires_grad]
     orders = {}
     if sum(group_sizes) == len(names):
         groups, start = [], 0
@@ -410,7 +484,8 @@ def convert_checkpoint(
     if fmt is None:
         raise CheckpointError(
             f"{src} is not a checkpoint folder convert recognises: expected an HF Trainer checkpoint-N folder "
-            "(trainer_state.json + weights), an Accelerate save_state folder (weights + optimizer.bin/random_states_0.pkl) "
+            "(trainer_state.json + model weights, or + adapter_model.safetensors and adapter_config.json for a LoRA run), "
+            "an Accelerate save_state folder (weights + optimizer.bin/random_states_0.pkl) "
             "or a NeMo-RL step folder (policy/weights/.metadata)"
         )
     if out.exists():

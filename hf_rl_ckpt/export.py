@@ -3,9 +3,10 @@
 Without merging, the deployable folder is copied as it is: `model/consolidated/`, or
 `model/adapter/` for a PEFT run (serve it with its base, e.g. vLLM `--lora-modules`). With
 `merge_lora`, the adapter is merged into its base model and written as consolidated HF
-weights, for engines that cannot apply LoRA. The checkpoint is verified first (a corrupt
-checkpoint is never exported) and the output appears whole or not at all: it is written
-beside `out` and renamed into place.
+weights, for engines that cannot apply LoRA. What the export reads is verified first (a
+damaged model is never exported; the training state, which an export does not read, is not
+checked) and the output appears whole or not at all: it is written beside `out` and renamed
+into place.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from .state.model import save_consolidated
 from .state.peft import load_merged_model
 from .verify import verify_checkpoint
 
+#: The folders an export may read (a checkpoint holds one of them); a merge also reads config.yaml (cache dir, shard size).
+_MODEL_FOLDERS = (ADAPTER_DIR, CONSOLIDATED_DIR)
+
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, merge_lora: bool = False, base: str | None = None) -> Path:
     """Write the model of `checkpoint` to the new folder `out` and return it.
@@ -40,7 +44,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists():
         raise CheckpointError(f"export target {out} already exists; choose a new folder or remove it first")
-    verify_checkpoint(checkpoint)
+    verify_checkpoint(checkpoint, only=_MODEL_FOLDERS + ((CONFIG_YAML,) if merge_lora else ()))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -62,7 +62,7 @@ from .async_save import (
 )
 from .state.dataloader import capture_dataloader, load_dataloader
 from .state.model import deduplicated_state_dict, load_consolidated, save_consolidated, save_hf_metadata, save_weights, unwrap_model
-from .state.optim import capture_optimizer, load_optimizer, write_optimizer_dcp, write_optimizer_tensors
+from .state.optim import capture_optimizer, check_optimizer_fits, load_optimizer, write_optimizer_dcp, write_optimizer_tensors
 from .state.peft import is_peft_model, load_adapter, save_adapter
 from .state.rng import capture_rng, load_rng
 from .state.safetensors_io import tensors_from_buffer, write_safetensors
@@ -357,7 +357,7 @@ class CheckpointManager(BaseCheckpointManager):
 
         Args:
             step: the global step; names the checkpoint (`step_<N>`).
-            model: the model (DDP/Accelerate-wrapped is fine); saved as a consolidated HF folder.
+            model: the model (DDP/Accelerate-wrapped or `torch.compile`d is fine); saved as a consolidated HF folder.
             optimizer, scheduler: saved for exact resume (`save_optimizer` can turn the first off).
             dataloader: something with `state_dict()`/`load_state_dict()`, e.g. `ResumableDataLoader`.
             metrics: numbers for `training_info.json` and top-k ranking (`metric_name`).
@@ -855,7 +855,10 @@ class CheckpointManager(BaseCheckpointManager):
         weights_only = self.config.resume.load_weight_only if weights_only is None else weights_only
         preloaded: dict[str, dict[str, torch.Tensor]] = {}
         info = self._verified_info(path, model=model, optimizer=None if weights_only else optimizer, preloaded=preloaded)
-        self._load_model(path, model, preloaded)
+        model_dir = self._model_dir(path, model)
+        if optimizer is not None and not weights_only:  # before the weights load: a misfit leaves the model as it was
+            check_optimizer_fits(unwrap_model(model), optimizer, self._optimizer_dir(path))
+        self._load_model(path, model, model_dir, preloaded)
         state = ResumeState(
             step=int(info["step"]), path=path, epoch=info.get("epoch"), metrics=info.get("metrics") or {},
             extra=info.get("extra") or {}, weights_only=weights_only,
@@ -865,7 +868,9 @@ class CheckpointManager(BaseCheckpointManager):
         logger.info("resumed from %s (step %d%s) in %.2fs", path, state.step, ", weights only" if weights_only else "", time.perf_counter() - started)
         return state
 
-    def _load_model(self, path: Path, model: torch.nn.Module, preloaded: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
+    @staticmethod
+    def _model_dir(path: Path, model: torch.nn.Module) -> str:
+        """The folder of checkpoint `path` that `model` loads from; refused when the checkpoint holds another kind of model."""
         expected = model_dir_for(model)
         if expected == CONSOLIDATED_DIR and (path / SHARDED_DIR).is_dir() and (is_sharded(unwrap_model(model)) or not (path / CONSOLIDATED_DIR).is_dir()):
             expected = SHARDED_DIR  # per-rank shards: DCP reads the slices this rank needs, whatever world size wrote them
@@ -878,10 +883,14 @@ class CheckpointManager(BaseCheckpointManager):
                    "Build the same kind of model as the run that saved it, or `hf-rl-ckpt export --merge-lora` "
                    "an adapter into a plain model" if held else "")
             )
-        if expected == ADAPTER_DIR:
+        return expected
+
+    def _load_model(self, path: Path, model: torch.nn.Module, model_dir: str, preloaded: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
+        """Load `model` from `path / model_dir` (see `_model_dir`)."""
+        if model_dir == ADAPTER_DIR:
             load_adapter(unwrap_model(model), path / ADAPTER_DIR)
-        elif expected == SHARDED_DIR or is_sharded(unwrap_model(model)):
-            load_sharded(unwrap_model(model), path / expected)
+        elif model_dir == SHARDED_DIR or is_sharded(unwrap_model(model)):
+            load_sharded(unwrap_model(model), path / model_dir)
         else:
             load_consolidated(model, path / CONSOLIDATED_DIR, trust_pickle=self.config.resume.trust_pickle, preloaded=preloaded)
 
@@ -948,14 +957,19 @@ class CheckpointManager(BaseCheckpointManager):
         """
         path = Path(path)
         if optimizer is not None:
-            if not (path / OPTIM_DIR).is_dir():
-                raise CheckpointError(
-                    f"{path} has no optimizer state (saved with save_optimizer: false); pass optimizer=None "
-                    "or set resume.load_weight_only: true to start with a fresh optimizer"
-                )
-            load_optimizer(unwrap_model(model), optimizer, path / OPTIM_DIR, preloaded=preloaded)
+            load_optimizer(unwrap_model(model), optimizer, self._optimizer_dir(path), preloaded=preloaded)
         if scheduler is not None:
             load_scheduler(scheduler, path / SCHEDULER_JSON)
+
+    @staticmethod
+    def _optimizer_dir(path: Path) -> Path:
+        """The optimizer state folder of checkpoint `path`; an error saying what to do when it was saved without one."""
+        if not (path / OPTIM_DIR).is_dir():
+            raise CheckpointError(
+                f"{path} has no optimizer state (saved with save_optimizer: false); pass optimizer=None "
+                "or set resume.load_weight_only: true to start with a fresh optimizer"
+            )
+        return path / OPTIM_DIR
 
     def load_rng_state(self, path: str | os.PathLike) -> None:
         """Restore this rank's RNG streams from a checkpoint (a step of `load`, public like `load_optimizer_state`)."""

@@ -90,14 +90,22 @@ def _hash_files(ckpt_dir: Path, manifest: Manifest, skip: Collection[str]) -> di
         return {rel: future.result() for rel, future in futures.items()}
 
 
-def verify_checkpoint(ckpt_dir: str | os.PathLike, *, checksums: bool = True, deferred: Collection[str] = ()) -> dict[str, Any]:
+def _within(rel: str, parts: Collection[str] | None) -> bool:
+    return parts is None or any(rel == part or rel.startswith(part + "/") for part in parts)
+
+
+def verify_checkpoint(
+    ckpt_dir: str | os.PathLike, *, checksums: bool = True, deferred: Collection[str] = (), only: Collection[str] | None = None
+) -> dict[str, Any]:
     """Check a checkpoint against its manifest; return its training_info.
 
     Raises `CorruptCheckpointError` naming the first bad file, with every problem found
     in the message: a file missing, of the wrong size, with the wrong sha256 (when
     `checksums`), not listed in the manifest, or a path escaping the checkpoint.
     `deferred` names files whose sha256 the caller checks itself while reading them for
-    loading (`read_verified`), so that resuming reads each byte once.
+    loading (`read_verified`), so that resuming reads each byte once. `only` restricts
+    the checks to these files and folders (relative paths), for a reader that needs no
+    more (`export` reads the model folder, not the training state).
 
     ```python
     >>> verify_checkpoint("runs/ckpt/step_40")        # doctest: +SKIP
@@ -105,7 +113,7 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, *, checksums: bool = True, de
     """
     ckpt_dir = Path(ckpt_dir)
     info = read_training_info(ckpt_dir)
-    manifest: Manifest = info["manifest"]
+    manifest: Manifest = {rel: entry for rel, entry in info["manifest"].items() if _within(rel, only)}
     problems: list[tuple[Path, str]] = []
     digests = _hash_files(ckpt_dir, manifest, deferred) if checksums else {}
     for rel, entry in manifest.items():
@@ -126,7 +134,7 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, *, checksums: bool = True, de
             except CorruptCheckpointError as err:
                 problems.append((path, err.reason))
     for rel in list_files(ckpt_dir):
-        if rel not in manifest:
+        if rel not in manifest and _within(rel, only):
             problems.append((ckpt_dir / rel, "not listed in the manifest; remove it (it was not written by hf_rl_ckpt)"))
     if problems:
         detail = "; ".join(f"{p}: {why}" for p, why in problems)

@@ -35,3 +35,20 @@ def test_list_and_verify(tmp_path, make_objects):
     bad = _cli("verify", str(tmp_path / "step_20"))
     assert bad.returncode == 1 and "scheduler.json" in bad.stderr
     assert _cli("verify", str(tmp_path)).returncode == 2
+
+
+def test_list_fails_when_it_shows_a_corrupt_checkpoint(tmp_path, make_objects):
+    objs = make_objects()
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path)))
+    manager.save(10, **objs.as_kwargs())
+    manager.save(20, **objs.as_kwargs())
+    assert _cli("list", str(tmp_path), "--verify").returncode == 0
+    weights = tmp_path / "step_10" / "model" / "consolidated" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    shown = _cli("list", str(tmp_path), "--verify")
+    assert "CORRUPT" in shown.stdout and shown.returncode == 1, "a check that found a bad file fails (README exit codes)"
+    assert _cli("list", str(tmp_path), "--verify", "--json").returncode == 1
+    assert _cli("list", str(tmp_path)).returncode == 0, "without --verify only sizes are checked, and they are right"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -12,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager
+from hf_rl_ckpt.bundle import extract_bundle
 from hf_rl_ckpt.cli import EXIT_CODES_HELP, build_parser, main
 from hf_rl_ckpt.testing.tiny import build_model, build_tokenizer
 
@@ -101,3 +103,50 @@ def test_exit_codes_of_the_installed_command(checkpoint, tmp_path):
     assert failed.returncode == 1 and "config.yaml" in failed.stderr
     assert cli("verify", str(tmp_path)).returncode == 2
     assert cli("no-such-command").returncode == 2
+
+
+def test_a_renamed_bundle_is_still_a_valid_bundle(checkpoint, tmp_path):
+    path, model = checkpoint
+    bundle = tmp_path / "model.tar.gz"
+    assert main(["export", str(path), str(bundle)]) == 0
+    renamed = tmp_path / "run42-step1.tar.gz"
+    shutil.copyfile(bundle, renamed)
+    assert main(["verify", str(renamed)]) == 0, "a bundle's validity does not depend on its file name"
+    folder = extract_bundle(renamed, tmp_path / "dest")
+    assert folder == tmp_path / "dest" / "model", "extracting gives the folder the archive holds, as `tar -xf` does"
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder).lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+    shutil.copyfile(bundle, tmp_path / "model.backup")
+    assert main(["verify", str(tmp_path / "model.backup")]) == 0, "nor on its suffix: a file given to verify is a bundle"
+
+
+@pytest.mark.parametrize("name, gzipped", [("model.tar", False), ("model.tar.gz", True), ("model.tgz", True)])
+def test_export_archive_compression_follows_the_suffix(checkpoint, tmp_path, name, gzipped):
+    path, _ = checkpoint
+    assert main(["export", str(path), str(tmp_path / name)]) == 0
+    assert ((tmp_path / name).read_bytes()[:2] == b"\x1f\x8b") is gzipped
+    assert tarfile.open(tmp_path / name, "r:gz" if gzipped else "r:").getnames()[0] == "model"
+
+
+def test_no_compress_contradicting_the_suffix_is_refused(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    assert main(["export", str(path), str(tmp_path / "model.tar.gz"), "--no-compress"]) == 2
+    assert "--no-compress" in capsys.readouterr().err and not (tmp_path / "model.tar.gz").exists()
+    assert main(["export", str(path), str(tmp_path / "model.tar"), "--no-compress"]) == 0
+    assert tarfile.open(tmp_path / "model.tar", "r:").getnames()[0] == "model"
+
+
+def test_export_checks_only_what_it_exports(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    (path / "scheduler.json").unlink()  # training state export does not read
+    assert main(["export", str(path), str(tmp_path / "folder")]) == 0
+    assert main(["export", str(path), str(tmp_path / "model.tar")]) == 0 and main(["verify", str(tmp_path / "model.tar")]) == 0
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "folder").lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+
+    weights = path / "model" / "consolidated" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size: only the sha256 tells
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["export", str(path), str(tmp_path / "damaged")]) == 1
+    assert "model.safetensors" in capsys.readouterr().err and not (tmp_path / "damaged").exists()
+    assert main(["export", str(path), str(tmp_path / "damaged.tar")]) == 1 and not (tmp_path / "damaged.tar").exists()

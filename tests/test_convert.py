@@ -10,6 +10,7 @@ the first loss checks the weights, the second the optimizer moments and the LR s
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
-from hf_rl_ckpt import CheckpointConfig, CheckpointManager, ResumableDataLoader
+from hf_rl_ckpt import CheckpointConfig, CheckpointError, CheckpointManager, ResumableDataLoader
 from hf_rl_ckpt.convert import convert_checkpoint, detect_format
 from hf_rl_ckpt.state.pickled import UntrustedPickleError
 from hf_rl_ckpt.testing.tiny import build_model, build_tokenizer, toy_lm_dataset
@@ -121,6 +122,87 @@ def test_foreign_resume_path_converts_on_the_fly(tmp_path, trainer_checkpoint):
     assert not any((tmp_path / "run" / ".incomplete").iterdir()), "the converted copy is removed after loading"
     inputs, n, loss = trainer_steps[0]
     assert model(**inputs, num_items_in_batch=n).loss.item() == loss
+
+
+# ------------------------------------------------------------------ HF Trainer, LoRA run
+def _lora_model(base: Path, seed: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):  # LoRA A matrices come from the global RNG
+        torch.manual_seed(seed)
+        return get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+
+
+@pytest.fixture(scope="module")
+def lora_trainer_checkpoint(tmp_path_factory):
+    """A real Trainer LoRA run's own `checkpoint-2` (save_strategy="steps"), and the next two steps of the Trainer's resume from it."""
+    out = tmp_path_factory.mktemp("lora_trainer")
+    base = out / "base"
+    build_model("llama", seed=0).save_pretrained(base)  # loaded by path, so adapter_config.json names it as the base
+    tok = build_tokenizer()
+    data = toy_lm_dataset(tok, n=24, seq_len=16)
+    RecordingTrainer(model=_lora_model(base, seed=0), args=_trainer_args(out), train_dataset=data, processing_class=tok).train()
+    resumed = RecordingTrainer(model=_lora_model(base, seed=5), args=_trainer_args(out / "again"), train_dataset=data, processing_class=tok)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    return out / "checkpoint-2", base, data, resumed.seen
+
+
+def test_hf_trainer_lora_checkpoint_converts_to_an_adapter_checkpoint_and_resumes(tmp_path, lora_trainer_checkpoint):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    original, base, data, trainer_steps = lora_trainer_checkpoint
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= {p.name for p in original.iterdir()}
+    assert not (original / "model.safetensors").exists()
+    assert detect_format(original) == "hf_trainer"
+    converted = convert_checkpoint(original, tmp_path / "converted", trust_pickle=True)
+    adapter = converted / "model" / "adapter"
+    assert not (converted / "model" / "consolidated").exists() and (adapter / "tokenizer.json").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    saved = load_file(original / "adapter_model.safetensors")
+    assert load_file(adapter / "adapter_model.safetensors").keys() == saved.keys()
+    assert any(p.name.startswith("optim") for p in converted.iterdir()), "the optimizer state came along (trusted)"
+
+    model = _lora_model(base, seed=7)  # another LoRA init: everything must come from the checkpoint
+    helper = Trainer(model=model, args=_trainer_args(tmp_path / "helper"), train_dataset=data)
+    helper.create_optimizer_and_scheduler(num_training_steps=4)  # the Trainer's own param groups (LoRA parameters only)
+    state = _manager(tmp_path).load(converted, model=model, optimizer=helper.optimizer, scheduler=helper.lr_scheduler)
+    assert state.step == 2
+    loaded = get_peft_model_state_dict(model)
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved), "adapter weights equal the Trainer's"
+
+    ours = _replay(model, helper.optimizer, helper.lr_scheduler, [(inputs, {"num_items_in_batch": n}) for inputs, n, _ in trainer_steps])
+    assert ours == [loss for _, _, loss in trainer_steps], "the next steps match the Trainer's own resume (optimizer and schedule too)"
+
+
+def test_hf_trainer_lora_checkpoint_resumes_through_resume_path(tmp_path, lora_trainer_checkpoint):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    original, base, _, trainer_steps = lora_trainer_checkpoint
+    model = _lora_model(base, seed=7)
+    state = _manager(tmp_path, mode="from_path", resume_path=str(original), trust_pickle=True, load_weight_only=True).resume(model=model)
+    assert state.step == 2 and state.weights_only
+    saved = load_file(original / "adapter_model.safetensors")
+    assert all(torch.equal(get_peft_model_state_dict(model)[k], saved[k]) for k in saved)
+    inputs, n, loss = trainer_steps[0]
+    assert model(**inputs, num_items_in_batch=n).loss.item() == loss
+
+
+def test_hf_trainer_lora_checkpoint_that_does_not_fit_its_config_is_refused(tmp_path, lora_trainer_checkpoint):
+    original, base, _, _ = lora_trainer_checkpoint
+    src = tmp_path / "checkpoint-2"
+    shutil.copytree(original, src)
+    config = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json names no base_model_name_or_path.*--base-model"):
+        convert_checkpoint(src, tmp_path / "out", weights_only=True)
+    (src / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(CheckpointError, match=r"adapter_model\.safetensors do not fit .*adapter_config\.json.*shape mismatch"):
+        convert_checkpoint(src, tmp_path / "out", weights_only=True)
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------ Accelerate

@@ -293,7 +293,7 @@ def test_hostile_bundle_members_are_refused(tmp_path, member, expected):
 
 def test_tampered_bundle_fails_verification(run, tmp_path):
     root, _, _ = run
-    bundle = export_bundle(root / "step_2", tmp_path / "model.tar", compress=False)
+    bundle = export_bundle(root / "step_2", tmp_path / "model.tar")
     with tarfile.open(bundle) as tar:
         members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
     tampered = [(m, data[:-4] + b"\0\0\0\0" if m.name.endswith(".safetensors") else data) for m, data in members]

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,9 +82,13 @@ def branches(api: HfApi) -> set[str]:
 
 def tree(api: HfApi, revision: str) -> dict[str, str]:
     """path -> content hash (LFS sha256 or git blob id) of every file of a revision."""
+    return tree_of(api, REPO, revision)
+
+
+def tree_of(api: HfApi, repo: str, revision: str) -> dict[str, str]:
     return {
         e.path: e.lfs.sha256 if e.lfs else e.blob_id
-        for e in api.list_repo_tree(REPO, revision=revision, recursive=True)
+        for e in api.list_repo_tree(repo, revision=revision, recursive=True)
         if isinstance(e, RepoFile)
     }
 
@@ -316,3 +323,89 @@ def test_trainer_run_publishes_its_best_checkpoints(server: HubServer, tmp_path:
     assert len(evals) == 5
     best, second = RetentionPolicy(2, "eval_loss", higher_is_better=False).top_k(evals)
     assert_published(HfApi(), tmp_path, best=best, others=[second])
+
+
+def test_push_command_creates_a_private_repo_unless_public(server: HubServer, tmp_path: Path, tokenizer, capsys) -> None:
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt")))
+    Loop(manager, tokenizer).step_and_save(3, 0.5)
+    ckpt = tmp_path / "ckpt" / "step_3"
+    api = HfApi()
+    assert cli_main(["push", str(ckpt), "--repo-id", "alice/by-default"]) == 0
+    assert api.model_info("alice/by-default").private, "like hub_private: true, a repo the CLI creates is private"
+    assert cli_main(["push", str(ckpt), "--repo-id", "alice/opted-out", "--public"]) == 0
+    assert not api.model_info("alice/opted-out").private
+    assert cli_main(["push", str(ckpt), "--repo-id", "alice/explicit", "--private"]) == 0 and api.model_info("alice/explicit").private
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["push", str(ckpt), "--repo-id", "alice/both", "--private", "--public"])
+    assert refused.value.code == 2 and not api.repo_exists("alice/both")
+
+
+def test_push_command_publishes_what_the_run_publishes(server: HubServer, tmp_path: Path, tokenizer) -> None:
+    """The CLI's default and --include-training-state push the same files as hub_push_training_state false / true."""
+    api = HfApi()
+    for training_state in (False, True):
+        run = tmp_path / f"run-{training_state}"
+        repo = f"alice/run-{str(training_state).lower()}"
+        config = hub_config(tmp_path, checkpoint_dir=str(run), hub_model_id=repo, keep_top_k=None, hub_push_training_state=training_state)
+        manager = CheckpointManager(config)
+        Loop(manager, tokenizer).step_and_save(2, 0.5)
+        manager.finalize()
+        flags = ["--include-training-state"] if training_state else []
+        assert cli_main(["push", str(run / "step_2"), "--repo-id", repo, "--revision", "by-hand", *flags]) == 0
+        by_run = {p: h for p, h in tree_of(api, repo, "step-2").items() if p != "README.md"}
+        assert by_run == {p: h for p, h in tree_of(api, repo, "by-hand").items() if p != "README.md"}
+        assert any(p.startswith("training_state/optim/") for p in by_run) is training_state
+        assert ("training_state/config.yaml" in by_run) is training_state
+
+
+def test_push_command_refuses_a_bad_repo_id_before_any_request(server: HubServer, tmp_path: Path, tokenizer) -> None:
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt")))
+    Loop(manager, tokenizer).step_and_save(1, 0.5)
+    pushed = subprocess.run(
+        [sys.executable, "-m", "hf_rl_ckpt.cli", "push", str(tmp_path / "ckpt" / "step_1"), "--repo-id", "bad id!!"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert pushed.returncode == 2, pushed.stderr
+    assert "Traceback" not in pushed.stderr and "--repo-id 'bad id!!'" in pushed.stderr and "namespace/name" in pushed.stderr
+    assert server.requests == [], "nothing reached the Hub"
+
+
+PUBLISHING_CHILD = """
+import sys
+from hf_rl_ckpt import CheckpointConfig, CheckpointManager
+from hf_rl_ckpt.hub import publish
+from hf_rl_ckpt.testing import tiny
+
+publish.DEFAULT_RETRY = publish.RetryPolicy(initial=0.2, factor=1.0, max_delay=0.2, attempts=int(sys.argv[3]))
+config = CheckpointConfig(checkpoint_dir=sys.argv[1], push_to_hub=True, hub_model_id="alice/logged", hub_endpoint=sys.argv[2])
+manager = CheckpointManager(config)
+manager.save(1, model=tiny.build_model("llama", seed=0), tokenizer=tiny.build_tokenizer())
+manager.finalize()
+"""
+
+
+def _publish_in_a_child(tmp_path: Path, endpoint: str, attempts: int) -> bytes:
+    """stderr of a process that saves one checkpoint with push_to_hub and finalizes, written to a pipe (as a job log is)."""
+    child = subprocess.run(
+        [sys.executable, "-c", PUBLISHING_CHILD, str(tmp_path / "ckpt"), endpoint, str(attempts)], capture_output=True, timeout=300
+    )
+    assert child.returncode == 0, child.stderr.decode()[-3000:]
+    return child.stderr
+
+
+def test_finalize_with_the_hub_down_writes_no_progress_bar_redraws_to_a_log(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: every request is refused, as when the Hub is down
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    log = _publish_in_a_child(tmp_path, endpoint, attempts=20)  # about 4 s of retries while finalize() waits
+    assert b"\r" not in log and b"Publishing to" not in log, log.decode()[-2000:]
+    assert b"1 checkpoint(s) are not on the Hub yet" in log, "the log still says what happened"
+    assert len(log.splitlines()) <= 5, log.decode()
+
+
+def test_retried_uploads_draw_no_progress_bars_in_a_log(server: HubServer, tmp_path: Path) -> None:
+    server.fail_next(3, status=500, path_contains="/commit/")  # each commit attempt re-runs the upload
+    log = _publish_in_a_child(tmp_path, server.url, attempts=5)
+    assert HfApi().file_exists("alice/logged", "model.safetensors", revision="step-1")
+    assert b"\r" not in log and b"Upload" not in log and b"model.safetensors:" not in log, log.decode()[-2000:]

@@ -31,24 +31,27 @@ twice: pushing `main` after the branch of the same checkpoint uploads no weights
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Mapping, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, Literal, Mapping, TypeVar
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+from huggingface_hub.utils import disable_progress_bars
 from tqdm.auto import tqdm
 
 from ..atomic import sha256_file
-from ..config import CheckpointConfig
+from ..config import CheckpointConfig, check_repo_id
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, MODEL_CARD, TRAINING_INFO, deployable_dir, safe_join
 from ..registry import Registry
@@ -224,9 +227,10 @@ class HubRepo:
 
     def call(self, what: str, fn: Callable[[], _T]) -> _T:
         """`fn()`, retried with backoff on transient failures; Hub errors become typed, actionable errors."""
-        for delay in chain(self.retry.delays(), [None]):
+        for attempt, delay in enumerate(chain(self.retry.delays(), [None])):
             try:
-                return fn()
+                with _client_progress_bars(retrying=attempt > 0):
+                    return fn()
             except (HfHubHTTPError, httpx2.TransportError, ConnectionError, TimeoutError) as err:
                 kind, reason = classify(err), describe(err, self.api.token if isinstance(self.api.token, str) else None)
                 if kind == "auth":
@@ -241,6 +245,18 @@ class HubRepo:
                 logger.info("Hub: could not %s on %s (%s); retrying in %.1fs", what, self.repo_id, reason, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
+
+
+def _client_progress_bars(retrying: bool) -> ContextManager[object]:
+    """huggingface_hub's own upload bars around one Hub call: drawn on a terminal, for a first attempt only.
+
+    Written to a log (stderr not a terminal) every redraw stays as text, and a retried call
+    redraws its bars from zero at every attempt. The per-file and "Upload N LFS files" bars
+    answer only to huggingface_hub's process-wide switch, so it is off for the length of the
+    call (other huggingface_hub bars of the process are quiet meanwhile; `__exit__` turns the
+    switch back on only if it was on before).
+    """
+    return disable_progress_bars() if retrying or not sys.stderr.isatty() else contextlib.nullcontext()
 
 
 def _addition(file: HubFile) -> CommitOperationAdd:
@@ -298,9 +314,11 @@ def publish_checkpoint(
     ```
 
     Raises:
+        ConfigError: `repo_id` is not a Hub repo id (checked before anything else).
         CorruptCheckpointError: the checkpoint fails verification.
         HubAuthError, HubUnavailableError, HubPublishError: the Hub refused or could not be reached.
     """
+    check_repo_id(repo_id, "repo_id")
     ckpt_dir = Path(ckpt_dir)
     info = verify_checkpoint(ckpt_dir, checksums=True)
     step = int(info["step"])
@@ -385,7 +403,9 @@ class HubPublisher:
         """Wait until the worker has done everything asked of it (pushed, or given up until the next start)."""
         with self._cond:
             if self._requested or self._busy:
-                with tqdm(total=max(self._total, 1), desc=f"Publishing to {self.repo_id}", unit="push", disable=not progress) as bar:
+                # disable=None is tqdm's rule: no bar when stderr is not a terminal (a job log would get a redraw every
+                # half second, for minutes while the Hub is down); a terminal redraws in place, a notebook shows a widget.
+                with tqdm(total=max(self._total, 1), desc=f"Publishing to {self.repo_id}", unit="push", disable=None if progress else True) as bar:
                     while (self._requested or self._busy) and self._thread is not None and self._thread.is_alive():
                         self._cond.wait(timeout=0.5)
                         bar.total, bar.n = max(self._total, self._done, 1), self._done

@@ -8,6 +8,7 @@ dtype kept. The weights go through our streaming writer so they are hashed while
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -38,10 +39,17 @@ FileDigests = dict[str, tuple[int, str]]
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's model inside DDP/DataParallel/compile/Accelerate wrappers."""
+    """The user's model inside DDP/DataParallel/DeepSpeed/FSDP, Accelerate and `torch.compile` wrappers.
+
+    Compile wrappers go too: their state dict prefixes every key with `_orig_mod.` and their
+    class is no loadable architecture. A model compiled before `accelerator.prepare` under
+    DDP sits compiled inside the parallel wrapper, so unwrapping repeats until nothing is left.
+    """
     from accelerate.utils import extract_model_from_parallel
 
-    return extract_model_from_parallel(model)
+    while (inner := extract_model_from_parallel(model, keep_torch_compile=False)) is not model:
+        model = inner
+    return model
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -74,12 +82,26 @@ def deduplicated_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Te
     return {name: tensor for name, tensor in state.items() if name in keep}
 
 
+def weights_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype `model`'s weights are written in: its first floating-point parameter's (`PreTrainedModel.dtype`)."""
+    return next((param.dtype for param in model.parameters() if param.is_floating_point()), None)
+
+
 def save_hf_metadata(model: torch.nn.Module, out_dir: Path, tokenizer: Any | None) -> None:
-    """config.json, generation_config.json and tokenizer files, as `save_pretrained` writes them."""
+    """config.json, generation_config.json and tokenizer files, as `save_pretrained` writes them.
+
+    Like `save_pretrained`, config.json names the model's class as its architecture (FSDP2
+    renames the class `FSDP<name>`) and the dtype the weights are written in, whatever the
+    config said when the model was built: `from_pretrained` loads a model cast with
+    `.to(torch.bfloat16)` in bf16 by that. The model's own config is left as it is.
+    """
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
-        if not getattr(config, "architectures", None):
-            config.architectures = [type(model).__name__]
+        config = copy.deepcopy(config)
+        config.architectures = [type(model).__name__.removeprefix("FSDP")]
+        dtype = weights_dtype(model)
+        if dtype is not None:
+            config.dtype = str(dtype).removeprefix("torch.")
         config.save_pretrained(out_dir)
     generation_config = getattr(model, "generation_config", None)
     can_generate = getattr(model, "can_generate", lambda: False)()

@@ -48,6 +48,8 @@ TENSORS_INDEX = "model.safetensors.index.json"
 #: Largest optimizer tensor file written by `write_optimizer_tensors` (several files are written and hashed in parallel).
 OPTIM_FILE_SIZE = 512 << 20
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+#: Prefix of a flattened state's per-parameter group options: `param_groups.<parameter name>.<option>`.
+_PARAM_GROUPS = "param_groups."
 FileDigests = dict[str, tuple[int, str]]
 
 
@@ -95,8 +97,28 @@ class OptimizerSnapshot:
         return sha.hexdigest()
 
 
+def _foreign_parameter(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
+    """The first parameter of `optimizer` that is not one of `model`'s, described; None when all are.
+
+    DCP names optimizer state by the model's parameter names, and fails on such a parameter
+    with a bare `KeyError` (its index in the optimizer).
+    """
+    own = {id(param) for param in model.parameters()}
+    for group_index, group in enumerate(optimizer.param_groups):
+        for index, param in enumerate(group["params"]):
+            if id(param) not in own:
+                return (
+                    f"optimizer parameter group {group_index} parameter {index} (shape {list(param.shape)}) is not a parameter of "
+                    f"{type(model).__name__}: the optimizer was built for another model, or another instance of it"
+                )
+    return None
+
+
 def capture_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> OptimizerSnapshot:
     """The flattened state of `optimizer` over `model`'s parameters (tensors referenced, not copied)."""
+    foreign = _foreign_parameter(model, optimizer)
+    if foreign is not None:
+        raise StateMismatchError(f"{foreign}; build the optimizer over the parameters of the model you save")
     with _without_empty_groups(optimizer):
         tensors, rest = _split(get_optimizer_state_dict(model, optimizer, options=_OPTIONS))
     return OptimizerSnapshot(tensors, jsoncodec.dumps(rest, "optimizer"))
@@ -194,6 +216,97 @@ class _PreloadedReader(HuggingFaceStorageReader):
         return done
 
 
+def _names(label: str, names: list[str]) -> str:
+    return f"{label}: {', '.join(names[:8])}" + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+
+
+def _parameter_names(flat_rest: Mapping[str, Any]) -> set[str]:
+    """The parameter names of a flattened optimizer state, from its `param_groups.<name>.<option>` entries."""
+    return {key.removeprefix(_PARAM_GROUPS).rpartition(".")[0] for key in flat_rest if key.startswith(_PARAM_GROUPS)}
+
+
+def _difference(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, template: Mapping[str, torch.Tensor], template_rest: Mapping[str, Any],
+    saved_shapes: Mapping[str, tuple[int, ...]], saved_rest: Mapping[str, Any],
+) -> str | None:
+    """What differs between this optimizer's flattened state and the saved one, first difference first; None when they fit."""
+    mine, saved = _parameter_names(template_rest), _parameter_names(saved_rest)
+    if mine != saved:
+        sizes = ", ".join(f"group {index}: {len(group['params'])}" for index, group in enumerate(optimizer.param_groups))
+        return "; ".join([
+            f"this optimizer holds {len(mine)} parameters ({sizes}), the checkpoint's {len(saved)}",
+            *[_names(label, sorted(names)) for label, names in (("not in this optimizer", saved - mine), ("not in the checkpoint", mine - saved)) if names],
+        ])
+    # Loading takes each group's options from its first parameter: a group must not join parameters saved with different options.
+    names = {param: name for name, param in model.named_parameters()}
+    for index, group in enumerate(optimizer.param_groups):
+        members = [names[param] for param in group["params"] if param in names]
+        for option in (option for option in group if option != "params"):
+            values = [(name, saved_rest.get(f"{_PARAM_GROUPS}{name}.{option}")) for name in members]
+            other = next(((name, value) for name, value in values if value != values[0][1]), None)
+            if other is not None:
+                return (
+                    f"group {index} mixes parameters of different groups in the checkpoint: {values[0][0]} has {option}={values[0][1]!r}, "
+                    f"{other[0]} {option}={other[1]!r}"
+                )
+    only_saved, only_mine = sorted(set(saved_shapes) - set(template)), sorted(set(template) - set(saved_shapes))
+    if only_saved or only_mine:
+        parts = [_names(label, names) for label, names in (("in the checkpoint only", only_saved), ("in this optimizer only", only_mine)) if names]
+        return "its state differs (another optimizer type?): " + "; ".join(parts)
+    only_saved, only_mine = sorted(set(saved_rest) - set(template_rest)), sorted(set(template_rest) - set(saved_rest))
+    if only_saved or only_mine:
+        parts = [_names(label, names) for label, names in (("in the checkpoint only", only_saved), ("in this optimizer only", only_mine)) if names]
+        return "its settings differ (another optimizer type, its options, or a scheduler not created yet?): " + "; ".join(parts)
+    wrong = [
+        f"{name}: checkpoint {list(saved_shapes[name])}, this optimizer {list(tensor.shape)}"
+        for name, tensor in template.items() if tuple(tensor.shape) != saved_shapes[name]
+    ]
+    if wrong:
+        return f"{len(wrong)} tensor(s) differ in shape (a model of another size?); first shape mismatch: {wrong[0]}"
+    return None
+
+
+def _fitting_template(model: torch.nn.Module, optimizer: torch.optim.Optimizer, in_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This optimizer's flattened tensors (to load into) and the saved non-tensor state, once checked to fit `in_dir`.
+
+    Reads only the JSON state and the tensor files' headers. A mismatch raises naming the
+    first difference, with `optimizer` as it was: DCP gives a fresh optimizer state to build
+    the template (a step with zero gradients and learning rate), which is dropped again.
+    """
+    try:
+        rest = jsoncodec.loads((in_dir / NON_TENSOR_STATE).read_bytes())
+    except FileNotFoundError as err:
+        raise CorruptCheckpointError(in_dir / NON_TENSOR_STATE, "missing: the optimizer state is incomplete") from err
+    except ValueError as err:
+        raise CorruptCheckpointError(in_dir / NON_TENSOR_STATE, f"not valid JSON ({err})") from err
+    saved_shapes = {name: tuple(entry.size) for name, entry in HuggingFaceStorageReader(str(in_dir)).read_metadata().state_dict_metadata.items()}
+    template: dict[str, torch.Tensor] = {}
+    problem = _foreign_parameter(model, optimizer)
+    if problem is None:
+        fresh = not optimizer.state
+        with _without_empty_groups(optimizer):
+            template, template_rest = _split(get_optimizer_state_dict(model, optimizer, options=_OPTIONS))
+        problem = _difference(model, optimizer, template, template_rest, saved_shapes, rest)
+        if problem is not None and fresh:
+            optimizer.state.clear()
+    if problem is not None:
+        raise StateMismatchError(
+            f"optimizer state in {in_dir} does not fit this optimizer over {type(model).__name__}: {problem}. Build the same model and "
+            "optimizer (parameters, parameter groups, optimizer type) as the run that saved it, or pass optimizer=None / set "
+            "resume.load_weight_only: true to start with a fresh optimizer"
+        )
+    return template, rest
+
+
+def check_optimizer_fits(model: torch.nn.Module, optimizer: torch.optim.Optimizer, in_dir: str | os.PathLike) -> None:
+    """Raise `StateMismatchError` naming how `optimizer` over `model` differs from the state saved in `in_dir`.
+
+    Changes nothing: run it before loading anything else, so a mismatch leaves the model and
+    the optimizer as they were (`load_optimizer` checks the same again).
+    """
+    _fitting_template(model, optimizer, Path(in_dir))
+
+
 def load_optimizer(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -203,27 +316,13 @@ def load_optimizer(
 ) -> None:
     """Restore optimizer state saved by `save_optimizer`, resharding to this run's layout.
 
-    `preloaded` maps file paths to their tensors already in memory (read once while their
-    sha256 was checked); those files are not read again.
+    A state that does not fit `optimizer` is refused before anything is loaded (see
+    `check_optimizer_fits`). `preloaded` maps file paths to their tensors already in memory
+    (read once while their sha256 was checked); those files are not read again.
     """
     in_dir = Path(in_dir)
-    try:
-        rest = jsoncodec.loads((in_dir / NON_TENSOR_STATE).read_bytes())
-    except FileNotFoundError as err:
-        raise CorruptCheckpointError(in_dir / NON_TENSOR_STATE, "missing: the optimizer state is incomplete") from err
-    except ValueError as err:
-        raise CorruptCheckpointError(in_dir / NON_TENSOR_STATE, f"not valid JSON ({err})") from err
-    with _without_empty_groups(optimizer):
-        template, template_rest = _split(get_optimizer_state_dict(model, optimizer, options=_OPTIONS))
+    template, rest = _fitting_template(model, optimizer, in_dir)
     reader = _PreloadedReader(str(in_dir), preloaded) if preloaded else HuggingFaceStorageReader(str(in_dir))
-    saved = set(reader.read_metadata().state_dict_metadata)
-    missing, unexpected = sorted(set(template) - saved), sorted(saved - set(template))
-    if missing or unexpected or set(template_rest) != set(rest):
-        names = (missing or unexpected or sorted(set(template_rest) ^ set(rest)))[:8]
-        raise StateMismatchError(
-            f"optimizer state in {in_dir} does not fit this model/optimizer (different parameters or optimizer type?); "
-            f"first mismatching keys: {', '.join(names)}"
-        )
     with distributed.quiet_single_process_dcp():
         dcp.load(template, storage_reader=reader)
     with _without_empty_groups(optimizer):
