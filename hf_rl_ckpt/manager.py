@@ -29,7 +29,7 @@ import yaml
 from . import distributed
 from .atomic import atomic_write_json, fsync_dir, fsync_tree, write_bytes
 from .config import CheckpointConfig, parse_duration, parse_size, redact_secrets
-from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSaveError, CorruptCheckpointError, StateMismatchError
+from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSaveError, ConfigError, CorruptCheckpointError, StateMismatchError
 from .faultpoint import faultpoint
 from .hub.card import Leaderboard, branch_for, card_rows, render_model_card
 from .hub.publish import HubPublisher
@@ -170,6 +170,8 @@ class BaseCheckpointManager:
         self.config = config
         self.layout = CheckpointLayout(config.checkpoint_dir, config.checkpoint_name_template)
         self.registry = Registry(self.layout)
+        if config.enabled:
+            self._check_name_template()
         self.policy = RetentionPolicy(config.keep_top_k, config.metric_name, config.higher_is_better)
         self._started = time.monotonic()
         self._deadline = (
@@ -177,6 +179,23 @@ class BaseCheckpointManager:
         )
         self._deadline_saved = False
         self._warned_unranked = False
+
+    def _check_name_template(self) -> None:
+        """Refuse a `checkpoint_name_template` other than the one this directory's checkpoints are named by.
+
+        Under another template they would not parse as checkpoints: the run would silently start
+        fresh next to them, and the start would drop them from the index. Checked before anything is written.
+        """
+        recorded = CheckpointLayout.of_run(self.layout.root)
+        if recorded.name_template == self.layout.name_template:
+            return
+        named = [path.name for path in recorded.committed_steps().values()]
+        if named:
+            raise ConfigError(
+                f"checkpoint_name_template {self.layout.name_template!r} does not name the checkpoints already in "
+                f"{self.layout.root}: they are named by {recorded.name_template!r} ({', '.join(named[:5])}{', ...' if len(named) > 5 else ''}). "
+                f"Keep checkpoint_name_template: {recorded.name_template!r} for this checkpoint_dir, or use a new checkpoint_dir"
+            )
 
     # ------------------------------------------------------------- policies
     def should_save(self, step: int) -> bool:
@@ -264,7 +283,6 @@ class BaseCheckpointManager:
             metric_name=self.config.metric_name,
             higher_is_better=self.config.higher_is_better,
             keep_top_k=self.config.keep_top_k,
-            name_template=self.config.checkpoint_name_template,
         )
         self.registry.write(data)
         faultpoint("retention.before_delete")
@@ -436,6 +454,8 @@ class CheckpointManager(BaseCheckpointManager):
         if self.read_only:
             raise ReadOnlyCheckpointDirError(f"{self.layout.root} is read-only (found at start); earlier checkpoints are untouched")
         self._lock.acquire()  # a no-op while held; takes it again after finalize() released it
+        # Checkpoints deleted by hand since the last commit leave the index now: retention could not move them away.
+        self.registry.reconcile()
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)

@@ -55,6 +55,7 @@ class Registry:
 
     def write(self, data: dict[str, Any]) -> None:
         data["format_version"] = FORMAT_VERSION
+        data["name_template"] = self.layout.name_template  # what `CheckpointLayout.of_run` (the CLI) names checkpoints by
         data["checkpoints"] = sorted(data["checkpoints"], key=lambda row: row["step"])
         atomic_write_json(self.layout.registry_path, data)
 

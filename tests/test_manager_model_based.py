@@ -96,7 +96,9 @@ UNRECORDABLE = st.one_of(
 VALUES = st.sampled_from(["finite"] * 6 + ["missing", "non-finite", "unrecordable"]).flatmap(
     lambda kind: {"finite": FINITE, "missing": st.none(), "non-finite": NON_FINITE, "unrecordable": UNRECORDABLE}[kind]
 )
-METRICS = st.dictionaries(st.sampled_from(["loss", "reward", "acc"]), VALUES, max_size=3)
+METRIC_NAMES = st.sampled_from(["loss", "reward", "acc"])
+METRICS = st.dictionaries(METRIC_NAMES, VALUES, max_size=3)
+ORDINARY_METRICS = st.dictionaries(METRIC_NAMES, NUMBERS, max_size=2)
 EXTRA_STATE = st.dictionaries(st.sampled_from(["tokens_seen", "ema"]), VALUES, max_size=2)
 
 #: (keep_top_k, metric_name, higher_is_better), as a checkpoint records the settings it was saved under.
@@ -247,9 +249,12 @@ class CheckpointRun(RuleBasedStateMachine):
             higher_is_better=higher_is_better, async_save=self.async_save,
         )
 
-    def _config(self, *, absolute: bool = False, resume: dict[str, Any] | None = None) -> CheckpointConfig:
-        directory = str(self.root) if absolute or not self.relative else os.path.relpath(self.root, self.launch)
-        return CheckpointConfig(checkpoint_dir=directory, resume=resume or {"mode": "auto"}, **self._config_fields())
+    def _config(
+        self, *, absolute: bool = False, resume: dict[str, Any] | None = None, template: str | None = None, root: Path | None = None,
+    ) -> CheckpointConfig:
+        directory = str(root or self.root) if absolute or not self.relative else os.path.relpath(self.root, self.launch)
+        fields = {**self._config_fields(), **({"checkpoint_name_template": template} if template else {})}
+        return CheckpointConfig(checkpoint_dir=directory, resume=resume or {"mode": "auto"}, **fields)
 
     def _disk(self) -> dict[int, str]:
         """Committed checkpoints on disk: step -> sha256 of its training_info.json."""
@@ -351,10 +356,18 @@ class CheckpointRun(RuleBasedStateMachine):
         self._open()
         self._resume_and_check()
 
-    @rule(jump=st.sampled_from([1, 1, 1, 2, 3, 0, "negative"]), metrics=METRICS, extra_state=EXTRA_STATE)
-    def save(self, jump: int | str, metrics: dict[str, Any], extra_state: dict[str, Any]) -> None:
+    @rule(jump=st.sampled_from([1, 1, 1, 2, 3]), metrics=ORDINARY_METRICS)
+    def save(self, jump: int, metrics: dict[str, Any]) -> None:
+        """A save as most loops make it: the next step, plain numbers (or none) as metrics."""
+        self._save(self.step + jump, metrics, {})
+
+    @rule(jump=st.sampled_from([0, 1, 2, "negative"]), metrics=METRICS, extra_state=EXTRA_STATE)
+    def save_unusual_values(self, jump: int | str, metrics: dict[str, Any], extra_state: dict[str, Any]) -> None:
+        """A save with numpy/tensor scalars, NaN, infinity or values JSON cannot hold; the same step again; a negative step."""
+        self._save(-1 if jump == "negative" else self.step + jump, metrics, extra_state)
+
+    def _save(self, step: int, metrics: dict[str, Any], extra_state: dict[str, Any]) -> None:
         STATS["save"] += 1
-        step = -1 if jump == "negative" else self.step + jump
         self.objects.train_step(self.batch)
         _keep, metric_name, _higher = self.retention
         refusals = []
@@ -380,6 +393,7 @@ class CheckpointRun(RuleBasedStateMachine):
             return
         assert not refusals, f"save of step {step} accepted what it must refuse ({refusals}): metrics {metrics}, extra_state {extra_state}"
         assert path == self.layout.step_dir(step), f"save returned {path}, expected {self.layout.step_dir(step)}"
+        assert (path / TRAINING_INFO).is_file(), f"the checkpoint just saved, {path.name}, is gone: the most recent commit was evicted"
         info = strict_json(path / TRAINING_INFO)
         strict_json(self.root / "checkpoints.json")
         for where, values, recorded in (("metrics", metrics, info["metrics"]), ("extra_state", extra_state, info["extra"])):
@@ -443,13 +457,16 @@ class CheckpointRun(RuleBasedStateMachine):
             del self.committed[step]  # check_run asserts that an eviction named it
         self._resume_and_check()
 
-    @rule(restart_with=st.one_of(st.none(), RETENTION), data=st.data())
-    def restart(self, restart_with: Retention | None, data: st.DataObject) -> None:
-        """The job stops cleanly and starts again: resume auto, or from_path an older checkpoint (a new timeline)."""
+    @rule(restart_with=st.one_of(st.none(), RETENTION), template=st.one_of(st.none(), st.sampled_from(TEMPLATES)), data=st.data())
+    def restart(self, restart_with: Retention | None, template: str | None, data: st.DataObject) -> None:
+        """The job stops cleanly and starts again, maybe with other retention settings or another name template;
+        it resumes auto, or from_path an older checkpoint (a new timeline)."""
         STATS["restart"] += 1
         self._end_process()
         if restart_with is not None:
             self.retention = restart_with
+        if template is not None and template != self.template:
+            self._change_template(template)
         loadable = sorted(step for step, entry in self.committed.items() if entry.damage is None)
         self.resume_from = data.draw(st.sampled_from(loadable), label="from_path step") if loadable and data.draw(st.booleans(), label="from_path") else None
         if self.resume_from is None:
@@ -460,6 +477,22 @@ class CheckpointRun(RuleBasedStateMachine):
         self._open()
         self._resume_and_check()
         self.resume_config = {"mode": "auto"}
+
+    def _change_template(self, template: str) -> None:
+        """A start with another checkpoint_name_template must not lose sight of the run's checkpoints: refused while
+        the directory holds committed checkpoints named by the old one (then the job starts with the old one), else taken."""
+        STATS["restart new template"] += 1
+        os.chdir(self.launch)
+        config = self._config(template=template)
+        if not self.committed:
+            self.template = template
+            return
+        before = self._tree()
+        with pytest.raises(ConfigError, match="checkpoint_name_template") as refused:
+            CheckpointManager(config)
+        assert mentions(str(refused.value), self.template), f"the refusal does not name the run's template {self.template!r}: {refused.value}"
+        assert self._tree() == before, "a start refused for its name template changed the checkpoint dir"
+        STATS["restart new template refused"] += 1
 
     @precondition(lambda self: self.committed)
     @rule(how=st.sampled_from(DAMAGES), data=st.data())
@@ -545,16 +578,20 @@ class CheckpointRun(RuleBasedStateMachine):
 
     def _check_views(self) -> None:
         newest = self._newest()
-        expected_latest = self.layout.step_dir(newest) if newest is not None else None
+        expected_latest = self.layout.step_name(newest) if newest is not None else None
         live_latest = self.manager.latest()
         # The running manager's registry is an index it updates at start and at each commit: a checkpoint the
         # test just removed behind its back may still be listed until then.
         live_rows = sorted(row["step"] for row in self.manager.checkpoints() if row["step"] not in self.removed_since_indexed)
         cli_rows = sorted(row["step"] for row in list_rows(self.root))
-        fresh = CheckpointManager(self._config(absolute=True))
+        # A fresh process starts on a copy (hard links; a start may rewrite the registry and clean up): starting one on
+        # the run's directory would repair what the running process left wrong before the next rule could trip on it.
+        copy = self.work / "fresh-process"
+        shutil.copytree(self.root, copy, copy_function=os.link, ignore=shutil.ignore_patterns(LOCK_FILE))
+        fresh = CheckpointManager(self._config(absolute=True, root=copy))
         try:
             fresh_latest = fresh.latest()
-            assert (live_latest, fresh_latest) == (expected_latest, expected_latest), (
+            assert (live_latest and live_latest.name, fresh_latest and fresh_latest.name) == (expected_latest, expected_latest), (
                 f"latest(): running manager {live_latest}, fresh manager {fresh_latest}; the most recent commit is {expected_latest}"
             )
             assert live_rows == cli_rows == sorted(self.committed), f"registry {live_rows}, `list` {cli_rows}, model {sorted(self.committed)}"
@@ -566,6 +603,7 @@ class CheckpointRun(RuleBasedStateMachine):
                 assert fingerprint(self.scratch.model) == self.committed[expected].weights, f"resuming step {expected} gave other weights"
         finally:
             fresh.finalize()
+            shutil.rmtree(copy)
 
     def _check_verification(self) -> None:
         for step, entry in self.committed.items():
@@ -584,16 +622,13 @@ def zygote():
     server.close()
 
 
-def run_model(zygote: Zygote, workdir: Path, run_settings: settings) -> dict[str, Any]:
-    """Run the state machine under `run_settings`; return what it did (examples, steps, rules taken)."""
-    STATS.clear()
-    started = time.monotonic()
-    run_state_machine_as_test(lambda: CheckpointRun(zygote, workdir), settings=run_settings)
-    return {**dict(sorted(STATS.items())), "seconds": round(time.monotonic() - started, 1)}
-
-
 def test_checkpoint_runs_match_the_model(zygote, tmp_path):
     # A profile chosen on the command line (--hypothesis-profile=soak) wins over the small default run.
     run_settings = DEFAULT_SETTINGS if settings.get_current_profile_name() == "default" else settings()
-    summary = run_model(zygote, tmp_path, run_settings)
-    print("MODEL_BASED_SUMMARY " + json.dumps({"profile": settings.get_current_profile_name(), **summary}))
+    STATS.clear()
+    started = time.monotonic()
+    try:
+        run_state_machine_as_test(lambda: CheckpointRun(zygote, tmp_path), settings=run_settings)
+    finally:  # also after a failure: how far the search got (benchmarks/model_based_soak.py reads this line)
+        summary = {"profile": settings.get_current_profile_name(), **dict(sorted(STATS.items())), "seconds": round(time.monotonic() - started, 1)}
+        print("\nMODEL_BASED_SUMMARY " + json.dumps(summary))
