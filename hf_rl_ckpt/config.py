@@ -21,6 +21,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from .errors import ConfigError
+from .layout import parse_name_template
 
 ResumeMode = Literal["disable", "auto", "from_path"]
 
@@ -139,10 +140,7 @@ class CheckpointConfig:
                     f"Set metric_name to the metric to rank by (e.g. 'val_reward' or 'eval_loss' with "
                     f"higher_is_better: false), or metric_name: '{STEP_METRIC}' to keep the most recent {self.keep_top_k}."
                 )
-        if "{step" not in self.checkpoint_name_template or "/" in self.checkpoint_name_template:
-            raise ConfigError(
-                f"checkpoint_name_template must contain '{{step}}' and no '/' (got {self.checkpoint_name_template!r}), e.g. 'step_{{step}}'."
-            )
+        parse_name_template(self.checkpoint_name_template)
         if self.resume.mode == "from_path" and not self.resume.resume_path:
             raise ConfigError("resume.mode is 'from_path' but resume.resume_path is empty; set it to a checkpoint directory.")
         if self.checkpoint_must_save_by is not None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
-from .errors import CorruptCheckpointError
+from .errors import ConfigError, CorruptCheckpointError
 
 FORMAT_VERSION = 1
 
@@ -29,6 +31,60 @@ SCHEDULER_JSON = "scheduler.json"
 INCOMPLETE_DIR = ".incomplete"
 TRASH_DIR = ".trash"
 LOCK_FILE = ".lock"
+DEFAULT_NAME_TEMPLATE = "step_{step}"
+COMMIT_SEQ = "commit_seq"
+
+#: Format specs of `{step}` whose output is decimal digits only, so a name parses back to its step.
+_DIGITS_SPEC = re.compile(r"(0\d+)?d?")
+
+
+def parse_name_template(template: str) -> tuple[str, str]:
+    """(text before, text after) the step field of a checkpoint name template such as `ckpt_{step:06d}`.
+
+    The one rule for templates, used by config validation, `CheckpointLayout.of_run` and name
+    parsing: exactly one `{step}` field, with no spec or a zero-padding one (`{step:06d}`,
+    `{step:d}`), so that a name formats to digits between fixed text and parses back to its
+    step; and no path separator. Raises ConfigError naming `checkpoint_name_template` otherwise.
+    """
+
+    def refuse(reason: str) -> ConfigError:
+        return ConfigError(
+            f"checkpoint_name_template {template!r} {reason}; use the step as '{{step}}' or zero-padded as "
+            "'{step:06d}' in a name without '/', e.g. 'step_{step}' or 'ckpt_{step:06d}'."
+        )
+
+    if not isinstance(template, str) or "/" in template or "\\" in template:
+        raise refuse("must be a directory name without '/' or '\\'")
+    try:
+        pieces = list(string.Formatter().parse(template))
+    except ValueError as err:  # an unbalanced brace
+        raise refuse(f"is not a format string ({err}; write a literal brace as '{{{{' or '}}}}')") from err
+    fields = [(index, field, spec, conversion) for index, (_text, field, spec, conversion) in enumerate(pieces) if field is not None]
+    if len(fields) != 1 or fields[0][1] != "step":
+        raise refuse("must contain the field '{step}' exactly once and no other field")
+    index, _field, spec, conversion = fields[0]
+    if conversion is not None or not _DIGITS_SPEC.fullmatch(spec):
+        raise refuse("formats the step with a conversion or spec that does not give plain digits to parse back")
+    prefix = "".join(text for text, *_ in pieces[: index + 1])
+    suffix = "".join(text for text, *_ in pieces[index + 1:])
+    return prefix, suffix
+
+
+def commit_order(step: int, record: Mapping[str, Any]) -> tuple[int, str, int]:
+    """Sort key of a checkpoint by when it was committed, from its training_info.json or registry row.
+
+    "Newest" means the most recent commit, not the highest step: after a resume from an
+    older step the new timeline's saves are the newest. Every commit records a `commit_seq`
+    one above the run's newest; checkpoints written before it existed (no `commit_seq`) come
+    first, ordered by their creation time, then by step.
+    """
+    seq = record.get(COMMIT_SEQ)
+    created = record.get("created_at")
+    return (
+        seq if isinstance(seq, int) and not isinstance(seq, bool) else 0,
+        created if isinstance(created, str) else "",
+        step,
+    )
 
 
 def deployable_dir(ckpt_dir: str | os.PathLike) -> str | None:
@@ -82,20 +138,22 @@ class CheckpointLayout:
     """
 
     root: Path
-    name_template: str = "step_{step}"
+    name_template: str = DEFAULT_NAME_TEMPLATE
 
-    def __init__(self, root: str | os.PathLike, name_template: str = "step_{step}") -> None:
-        object.__setattr__(self, "root", Path(root))
+    def __init__(self, root: str | os.PathLike, name_template: str = DEFAULT_NAME_TEMPLATE) -> None:
+        # Absolute once, here: a later os.chdir (Hydra does one) must not move the run elsewhere.
+        object.__setattr__(self, "root", Path(os.path.abspath(root)))
         object.__setattr__(self, "name_template", name_template)
+        parse_name_template(name_template)
 
     @classmethod
     def of_run(cls, root: str | os.PathLike) -> "CheckpointLayout":
         """The layout of an existing run directory, with the name template its registry records.
 
-        The template comes from disk, so one that could name a path outside `root` (a `/`,
-        no `{step}`) is ignored in favour of the default `step_{step}`.
+        The template comes from disk, so one that `parse_name_template` refuses (it could
+        name a path outside `root`) is ignored in favour of the default `step_{step}`.
         """
-        template = "step_{step}"
+        template = DEFAULT_NAME_TEMPLATE
         registry = Path(root) / REGISTRY
         if registry.is_file():
             try:
@@ -103,8 +161,11 @@ class CheckpointLayout:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 data = None
             recorded = data.get("name_template") if isinstance(data, dict) else None
-            if isinstance(recorded, str) and "{step}" in recorded and "/" not in recorded and "\\" not in recorded and recorded.count("{") == 1:
+            try:
+                parse_name_template(recorded)
                 template = recorded
+            except ConfigError:
+                pass
         return cls(root, template)
 
     @property
@@ -129,23 +190,53 @@ class CheckpointLayout:
         return self.incomplete_root / self.step_name(step)
 
     def parse_step(self, name: str) -> int | None:
-        """The step a directory name encodes, or None if it is not a checkpoint name."""
-        prefix, _, suffix = self.name_template.partition("{step}")
-        pattern = re.escape(prefix) + r"(\d+)" + re.escape(suffix)
-        match = re.fullmatch(pattern, name)
-        return int(match.group(1)) if match else None
+        """The step a directory name encodes, or None if it is not a checkpoint name.
+
+        The inverse of `step_name`: a name counts only if formatting its step gives it back
+        (`step_040` is not step 40's name under `step_{step}`, nor `ckpt_40` under `ckpt_{step:06d}`).
+        """
+        prefix, suffix = parse_name_template(self.name_template)
+        match = re.fullmatch(re.escape(prefix) + r"(\d+)" + re.escape(suffix), name)
+        if match is None:
+            return None
+        step = int(match.group(1))
+        return step if self.step_name(step) == name else None
 
     def committed_steps(self) -> dict[int, Path]:
-        """Committed checkpoints: named like a step and holding a training_info.json.
+        """Committed checkpoints by step, in commit order (oldest first, the newest commit last; see `commit_order`).
 
-        `training_info.json` is the last file written before the atomic rename, so its
-        presence in a directory under the root means the checkpoint is whole.
+        A committed checkpoint is a directory named like a step and holding a
+        training_info.json: that is the last file written before the atomic rename, so its
+        presence means the checkpoint is whole. One whose training_info.json cannot be read
+        comes last, as if newest: resuming then tries it first and reports the damage before
+        falling back, instead of passing over it in silence.
         """
-        found: dict[int, Path] = {}
+        return {step: path for _order, step, path, _info in self._committed()}
+
+    def next_commit_seq(self) -> int:
+        """The `commit_seq` of the next commit: one above every committed checkpoint's."""
+        return 1 + max((order[1] for order, _step, _path, info in self._committed() if info is not None), default=0)
+
+    def committed_infos(self) -> dict[int, dict[str, Any] | None]:
+        """training_info.json of every committed checkpoint (None where unreadable), in commit order."""
+        return {step: info for _order, step, _path, info in self._committed()}
+
+    def _committed(self) -> list[tuple[tuple[bool, int, str, int], int, Path, dict[str, Any] | None]]:
+        found = []
         if not self.root.is_dir():
             return found
         for entry in self.root.iterdir():
             step = self.parse_step(entry.name)
             if step is not None and entry.is_dir() and not entry.is_symlink() and (entry / TRAINING_INFO).is_file():
-                found[step] = entry
-        return dict(sorted(found.items()))
+                info = _read_json_object(entry / TRAINING_INFO)
+                found.append(((info is None, *commit_order(step, info or {})), step, entry, info))
+        return sorted(found, key=lambda item: item[0])
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object from disk, or None when unreadable (verification reports the damage)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -9,10 +9,10 @@ leaves either the old set of checkpoints or the old set plus one whole new check
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import logging
+import operator
 import os
 import shutil
 import sys
@@ -28,7 +28,7 @@ import yaml
 
 from . import distributed
 from .atomic import atomic_write_json, fsync_dir, fsync_tree, write_bytes
-from .config import CheckpointConfig, parse_duration, parse_size, redact_secrets
+from .config import STEP_METRIC, CheckpointConfig, parse_duration, parse_size, redact_secrets
 from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSaveError, ConfigError, CorruptCheckpointError, StateMismatchError
 from .faultpoint import faultpoint
 from .hub.card import Leaderboard, branch_for, card_rows, render_model_card
@@ -36,6 +36,7 @@ from .hub.publish import HubPublisher
 from .lock import DirectoryLock, ReadOnlyCheckpointDirError
 from .layout import (
     ADAPTER_DIR,
+    COMMIT_SEQ,
     CONFIG_YAML,
     CONSOLIDATED_DIR,
     FORMAT_VERSION,
@@ -50,7 +51,7 @@ from .layout import (
     rng_file,
     safe_join,
 )
-from .registry import Registry, record_from_training_info
+from .registry import Registry, in_commit_order, record_from_training_info, retention_saved_under
 from .retention import RetentionPolicy, metric_value
 from .async_save import (
     AsyncCheckpointWriter,
@@ -60,6 +61,7 @@ from .async_save import (
     hold_for_tests,
     run_parts,
 )
+from .state import jsoncodec
 from .state.dataloader import capture_dataloader, load_dataloader
 from .state.model import deduplicated_state_dict, load_consolidated, save_consolidated, save_hf_metadata, save_weights, unwrap_model
 from .state.optim import capture_optimizer, check_optimizer_fits, load_optimizer, write_optimizer_dcp, write_optimizer_tensors
@@ -160,6 +162,25 @@ def _nothing() -> dict[str, tuple[int, str]]:
     return {}
 
 
+def checked_step(step: Any) -> int:
+    """`step` as an int, or CheckpointSaveError before anything is written: a checkpoint's name encodes its step."""
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        number = operator.index(step)  # int, numpy and 0-d tensor integers; not floats or strings
+    except TypeError:
+        number = None
+    if number is None or number < 0:
+        raise CheckpointSaveError(
+            f"step {step!r} ({type(step).__name__}) cannot name a checkpoint: pass the global step, an integer >= 0"
+        )
+    return number
+
+
+def _describe_retention(policy: RetentionPolicy) -> str:
+    return f"keep_top_k={policy.keep_top_k}, metric_name={policy.metric_name!r}, higher_is_better={policy.higher_is_better}"
+
+
 class BaseCheckpointManager:
     """Policies shared by every manager: when to save, what to keep, where checkpoints are.
 
@@ -170,9 +191,15 @@ class BaseCheckpointManager:
         self.config = config
         self.layout = CheckpointLayout(config.checkpoint_dir, config.checkpoint_name_template)
         self.registry = Registry(self.layout)
+        self.policy = RetentionPolicy(config.keep_top_k, config.metric_name, config.higher_is_better)
+        if config.enabled and self.layout.root.exists() and not self.layout.root.is_dir():
+            raise ConfigError(
+                f"checkpoint_dir {self.layout.root} is a file, not a directory; point checkpoint_dir at a directory "
+                "(it is created if missing)"
+            )
         if config.enabled:
             self._check_name_template()
-        self.policy = RetentionPolicy(config.keep_top_k, config.metric_name, config.higher_is_better)
+        self._reported_kept: set[int] = set()  # steps already named as kept by other retention settings
         self._started = time.monotonic()
         self._deadline = (
             parse_duration(config.checkpoint_must_save_by, "checkpoint_must_save_by") if config.checkpoint_must_save_by else None
@@ -223,13 +250,13 @@ class BaseCheckpointManager:
 
     # ------------------------------------------------------------- queries
     def checkpoints(self) -> list[dict[str, Any]]:
-        """Registry rows of committed checkpoints, oldest first (step, metrics, top_k_rank, ...)."""
+        """Registry rows of committed checkpoints in commit order, the newest last (step, metrics, top_k_rank, ...)."""
         return self.registry.records()
 
     def latest(self) -> Path | None:
-        """The newest committed checkpoint, or None."""
-        steps = self.layout.committed_steps()
-        return steps[max(steps)] if steps else None
+        """The newest committed checkpoint (the most recent commit, not the highest step), or None."""
+        committed = list(self.layout.committed_steps().values())
+        return committed[-1] if committed else None
 
     def best(self) -> Path | None:
         """The best committed checkpoint by `metric_name` (the newest when no metric ranks)."""
@@ -251,32 +278,55 @@ class BaseCheckpointManager:
         return path / (deployable_dir(path) or CONSOLIDATED_DIR)
 
     def _metric_values(self, rows: list[dict[str, Any]]) -> dict[int, float | None]:
-        return {row["step"]: metric_value(row.get("metrics"), self.config.metric_name, row["step"]) for row in rows}
+        """Step -> the value that ranks it, in the order of `rows`.
+
+        A recorded value that cannot rank (saved under another metric_name, or NaN written
+        by an older version) counts as missing: it was not checked as a ranking metric when saved.
+        """
+        values: dict[int, float | None] = {}
+        for row in rows:
+            try:
+                values[row["step"]] = metric_value(row.get("metrics"), self.config.metric_name, row["step"])
+            except CheckpointError:
+                values[row["step"]] = None
+        return values
 
     # ------------------------------------------------------------- retention
     def apply_retention(self, data: dict[str, Any]) -> list[int]:
-        """Evict what the policy does not retain; update `data` (the registry) in place.
+        """Evict what the policy does not retain, logging why; update `data` (the registry) in place.
+
+        The newest checkpoint is the most recent commit (the last row in commit order), so a
+        save made after resuming from an older step is never evicted for its low step number.
+        A checkpoint committed under other retention settings (`keep_top_k`, `metric_name`,
+        `higher_is_better` changed on a restart) is never evicted: the new settings would
+        re-rank it by a rule it was not saved under, so it is kept and named in a warning
+        instead, for the user to delete by hand.
 
         Crash-safe order: each evicted directory is first renamed into `.trash/` (one atomic
         step: it stops being a checkpoint), then the registry is rewritten, then the trash
         is deleted. A crash in between leaves only trash, which the next start removes.
         """
-        rows = data["checkpoints"]
+        rows = in_commit_order(data["checkpoints"])
         values = self._metric_values(rows)
         retained = self.policy.retained(values)
-        evicted = sorted(step for step in values if step not in retained)
+        ranking = self.policy.top_k(values)
+        kept = self._saved_under_other_settings(rows, data, evictable=set(values) - retained)
+        evicted = [step for step in values if step not in retained and step not in kept]
         trash = []
         if evicted:
             self.layout.trash_root.mkdir(exist_ok=True)
             for step in evicted:
+                logger.info("evicting %s: %s", self.layout.step_dir(step), self._eviction_reason(step, values, ranking))
                 target = self.layout.trash_root / f"{_EVICTED_PREFIX}{self.layout.step_name(step)}"
                 shutil.rmtree(target, ignore_errors=True)
                 os.rename(self.layout.step_dir(step), target)
                 trash.append(target)
             fsync_dir(self.layout.root)
             faultpoint("retention.after_trash")
-        ranking = self.policy.top_k(values)
-        data["checkpoints"] = [row for row in rows if row["step"] in retained]
+        for row in rows:  # recorded per row, so that the settings below do not become theirs
+            saved_under = retention_saved_under(row, data)
+            row["retention"] = dataclasses.asdict(saved_under) if saved_under is not None else None
+        data["checkpoints"] = [row for row in rows if row["step"] not in evicted]
         for row in data["checkpoints"]:
             row["top_k_rank"] = ranking.index(row["step"]) + 1 if row["step"] in ranking else None
         data.update(
@@ -289,6 +339,39 @@ class BaseCheckpointManager:
         for target in trash:
             shutil.rmtree(target)
         return evicted
+
+    def _eviction_reason(self, step: int, values: Mapping[int, float | None], ranking: list[int]) -> str:
+        """Why retention evicts `step`, for the log line every eviction gets."""
+        k, name = self.config.keep_top_k, self.config.metric_name
+        if values[step] is None:
+            return f"it has no metric '{name}' to rank by in keep_top_k={k}, and it is no longer the newest checkpoint"
+        if name == STEP_METRIC:
+            return f"keep_top_k={k} with metric_name 'step' keeps the {k} most recent checkpoint(s)"
+        cutoff = ranking[-1]
+        return (
+            f"its {name}={values[step]:.6g} is not in the top {k} ({'higher' if self.config.higher_is_better else 'lower'} is better; "
+            f"the top {k} ends at step {cutoff} with {values[cutoff]:.6g}), and it is no longer the newest checkpoint"
+        )
+
+    def _saved_under_other_settings(self, rows: list[dict[str, Any]], data: dict[str, Any], evictable: set[int]) -> set[int]:
+        """The `evictable` steps committed under retention settings other than this run's: kept, and named once in a warning."""
+        kept: dict[RetentionPolicy, list[int]] = {}
+        for row in rows:
+            saved_under = retention_saved_under(row, data)
+            if row["step"] in evictable and saved_under is not None and saved_under != self.policy:
+                kept.setdefault(saved_under, []).append(row["step"])
+        for saved_under, steps in kept.items():
+            news = [step for step in steps if step not in self._reported_kept]
+            if news:
+                self._reported_kept.update(news)
+                logger.warning(
+                    "keeping %s although this run's retention settings (%s) would evict them: they were saved under "
+                    "other settings (%s), and retention never deletes what earlier settings kept. Delete the ones you "
+                    "no longer need by hand (rm -r %s); the registry catches up at the next start",
+                    ", ".join(self.layout.step_name(step) for step in news), _describe_retention(self.policy),
+                    _describe_retention(saved_under), " ".join(str(self.layout.step_dir(step)) for step in news),
+                )
+        return {step for steps in kept.values() for step in steps}
 
 
 class CheckpointManager(BaseCheckpointManager):
@@ -321,14 +404,21 @@ class CheckpointManager(BaseCheckpointManager):
         self._lock = DirectoryLock(self.layout.root)
         self._async = AsyncCheckpointWriter()  # async_save: the staging buffer and the background write + commit
         self.read_only = False
+        # Like checkpoint_dir (see CheckpointLayout): resolved once, so an os.chdir cannot move where weights are published.
+        self._sync_weight_path = os.path.abspath(config.sync_weight_path) if config.sync_weight_path else None
         if config.enabled and distributed.rank() == 0:
-            self.layout.root.mkdir(parents=True, exist_ok=True)
+            try:
+                self.layout.root.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"checkpoint_dir {self.layout.root} cannot be created: {err}") from err
             try:
                 self._lock.acquire()  # before _recover: it deletes what another live writer may be staging
             except ReadOnlyCheckpointDirError as err:
                 self.read_only = True
                 logger.warning("%s: resuming works, saving will fail", err)
             self._recover()
+            if not self.read_only:
+                self._warn_about_other_retention_settings()
             if config.push_to_hub and not self.read_only:  # publishing records its progress in checkpoints.json
                 self._publisher = HubPublisher(config, self.registry)
                 self._publisher.enqueue()  # finish what an earlier process left pending
@@ -352,9 +442,19 @@ class CheckpointManager(BaseCheckpointManager):
                     logger.warning("restoring %s: a crash interrupted its replacement", original)
                     os.rename(entry, original)
                 else:
+                    logger.info("removing %s: an eviction or replacement interrupted by a crash left it there (no longer a checkpoint)", entry)
                     shutil.rmtree(entry)
             fsync_dir(self.layout.root)
         self.registry.reconcile()
+
+    def _warn_about_other_retention_settings(self) -> None:
+        """At start: name the checkpoints saved under other retention settings that this run's would evict (they are kept)."""
+        if self.config.keep_top_k is None:
+            return
+        data = self.registry.read()
+        rows = in_commit_order(data["checkpoints"])
+        values = self._metric_values(rows)
+        self._saved_under_other_settings(rows, data, evictable=set(values) - set(self.policy.top_k(values)))
 
     # ================================================================= save
     def save(
@@ -374,14 +474,16 @@ class CheckpointManager(BaseCheckpointManager):
         """Write one checkpoint for `step` and commit it atomically; apply top-k retention.
 
         Args:
-            step: the global step; names the checkpoint (`step_<N>`).
+            step: the global step, an integer >= 0; names the checkpoint (`step_<N>`).
             model: the model (DDP/Accelerate-wrapped or `torch.compile`d is fine); saved as a consolidated HF folder.
             optimizer, scheduler: saved for exact resume (`save_optimizer` can turn the first off).
             dataloader: something with `state_dict()`/`load_state_dict()`, e.g. `ResumableDataLoader`.
-            metrics: numbers for `training_info.json` and top-k ranking (`metric_name`).
+            metrics: numbers for `training_info.json` and top-k ranking (`metric_name`); numpy and
+                0-d tensor scalars are recorded as numbers, NaN/infinity as null (see `jsoncodec.plain`).
             tokenizer: saved into the consolidated folder so it is deployable as is.
             epoch: recorded in `training_info.json`.
-            extra_state: any JSON-able dict (e.g. your loop counters), returned by `resume` as `.extra`.
+            extra_state: any JSON-able dict with str keys (e.g. your loop counters), returned by
+                `resume` as `.extra`; recorded like `metrics`.
             extra_files: small files to store at the checkpoint root, by name (e.g. the Trainer's
                 `trainer_state.json`); listed in the manifest like every other file.
 
@@ -394,14 +496,15 @@ class CheckpointManager(BaseCheckpointManager):
         Raises:
             CheckpointSaveError: a write failed on some rank; nothing was committed and
                 earlier checkpoints are intact. With `async_save`, a background failure is
-                raised by the next `save` (or `finalize`), on every rank.
+                raised by the next `save` (or `finalize`), on every rank. Also, before
+                anything is written, for a step that is not an integer >= 0 and for a value
+                in `metrics`/`extra_state` that JSON cannot hold (naming its key).
         """
         if not self.config.enabled:
             return None
+        step, metrics, epoch, extra_state = self._checked_record(step, metrics, epoch, extra_state)
         self._drain_async_save()
         started = time.perf_counter()
-        metrics = dict(metrics or {})
-        metric_value(metrics, self.config.metric_name, step)  # reject NaN before writing anything
         if self.config.metric_name and self.config.keep_top_k and metric_value(metrics, self.config.metric_name, step) is None:
             # Periodic saves between evaluations routinely lack an eval metric: say it once per run, not every save.
             log = logger.debug if self._warned_unranked else logger.warning
@@ -444,10 +547,23 @@ class CheckpointManager(BaseCheckpointManager):
         if distributed.rank() == 0:
             try:
                 self._commit(step, staging, all_digests, metrics, epoch, extra_state, model, started)
-            except OSError as err:  # sealing failed before the rename (disk full, I/O error): nothing was committed
+            except Exception as err:  # sealing failed before the rename (disk full, I/O error): reported, staging removed
                 error = err
         self._raise_if_any_rank_failed(step, staging, error)
         return self.layout.step_dir(step)
+
+    def _checked_record(self, step: Any, metrics, epoch, extra_state) -> tuple[int, dict[str, Any], Any, dict[str, Any]]:
+        """What `save` records about a checkpoint, as plain JSON; refused (CheckpointSaveError naming the key) before anything is written.
+
+        The ranking metric is checked first, as given: NaN or infinity cannot rank (the other
+        values record a non-finite number as null, see `jsoncodec.plain`).
+        """
+        step = checked_step(step)
+        metric_value(metrics, self.config.metric_name, step)
+        return (
+            step, jsoncodec.plain(dict(metrics or {}), "metrics"), jsoncodec.plain(epoch, "epoch"),
+            jsoncodec.plain(dict(extra_state or {}), "extra_state"),
+        )
 
     def _prepare_staging(self, staging: Path) -> None:
         """Rank 0: an empty `.incomplete/<name>/`, after checking this process may write the directory."""
@@ -568,7 +684,6 @@ class CheckpointManager(BaseCheckpointManager):
         except Exception as err:  # reported to every rank below, then re-raised with the rank named
             error = err
         self._raise_if_any_rank_failed(step, staging, error)
-        extra_state = copy.deepcopy(dict(extra_state or {}))  # as of this call: the caller may change it while we write
         self._async.submit(
             step, lambda: self._write_and_commit(step, staging, parts, digests, markers, metrics, epoch, extra_state, model, started, deferred)
         )
@@ -665,12 +780,12 @@ class CheckpointManager(BaseCheckpointManager):
         `hf_rl_ckpt.weight_sync` for what readers can rely on. Returns the published folder
         on rank 0 on a sync step, else None.
         """
-        if not self.config.enabled or not self.config.sync_weight_path or step % self.config.sync_weight_period:
+        if not self.config.enabled or not self._sync_weight_path or step % self.config.sync_weight_period:
             return None
         published = None
         if distributed.rank() == 0:
-            published = publish(self.config.sync_weight_path, self.layout.step_name(step), lambda out: self._write_model(model, out, tokenizer))
-            logger.info("published weights of step %d to %s -> %s", step, self.config.sync_weight_path, published)
+            published = publish(self._sync_weight_path, self.layout.step_name(step), lambda out: self._write_model(model, out, tokenizer))
+            logger.info("published weights of step %d to %s -> %s", step, self._sync_weight_path, published)
         distributed.barrier()
         return published
 
@@ -691,7 +806,7 @@ class CheckpointManager(BaseCheckpointManager):
 
     def stage(self, step: int) -> Path:
         """An empty `.incomplete/<name>/` for a framework that writes a checkpoint's files itself; commit it with `commit_staged`."""
-        staging = self.layout.incomplete_dir(step)
+        staging = self.layout.incomplete_dir(checked_step(step))
         self._prepare_staging(staging)
         return staging
 
@@ -701,15 +816,16 @@ class CheckpointManager(BaseCheckpointManager):
         Single-process API (the NeMo-RL driver's `init_tmp_checkpoint`/`finalize_checkpoint`,
         see `hf_rl_ckpt.compat.nemo_rl`); every file written there is listed in the manifest.
         """
-        staging = self.layout.incomplete_dir(step)
+        staging = self.layout.incomplete_dir(checked_step(step))
         if not staging.is_dir():
             raise CheckpointError(f"nothing staged for step {step} at {staging}; call stage({step}) first")
-        metrics = dict(metrics or {})
-        metric_value(metrics, self.config.metric_name, step)  # reject NaN before sealing anything
         try:
+            step, metrics, _epoch, extra_state = self._checked_record(step, metrics, None, extra_state)
             self._commit(step, staging, {}, metrics, None, extra_state, None, time.perf_counter())
-        except OSError as err:
+        except Exception as err:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, CheckpointError):
+                raise
             raise CheckpointSaveError(f"committing step {step} failed ({err}); nothing was committed to {self.layout.root}") from err
         return self.layout.step_dir(step)
 
@@ -721,6 +837,8 @@ class CheckpointManager(BaseCheckpointManager):
             "epoch": epoch,
             "metrics": metrics,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            COMMIT_SEQ: self.layout.next_commit_seq(),  # what makes it the newest checkpoint, whatever its step
+            "retention": dataclasses.asdict(self.policy),  # retention never evicts it under other settings
             "save_seconds": None,
             "world_size": distributed.world_size(),
             "versions": library_versions(),
@@ -729,7 +847,7 @@ class CheckpointManager(BaseCheckpointManager):
                 "num_parameters": sum(p.numel() for p in inner.parameters()),
                 "dtype": str(next(inner.parameters()).dtype).removeprefix("torch.") if any(True for _ in inner.parameters()) else None,
             } if inner is not None else None,
-            "extra": dict(extra_state or {}),
+            "extra": extra_state,
             "manifest": build_manifest(staging, digests),
         }
         info["save_seconds"] = round(time.perf_counter() - started, 3)
@@ -790,9 +908,10 @@ class CheckpointManager(BaseCheckpointManager):
     ) -> ResumeState | None:
         """Resume according to `config.resume` (or `mode`, when given); None means a fresh start.
 
-        `auto` picks the newest complete checkpoint; if it fails verification it falls back
-        to the previous one with a warning naming the problem (`resume.on_corrupt: error`
-        raises instead). `from_path` loads `resume.resume_path` and fails if it is missing.
+        `auto` picks the newest complete checkpoint (the most recent commit: after a resume
+        from an older step, the new timeline's); if it fails verification it falls back to
+        the one committed before it, with a warning naming the problem (`resume.on_corrupt:
+        error` raises instead). `from_path` loads `resume.resume_path` and fails if it is missing.
         """
         mode = mode or self.config.resume.mode
         if not self.config.enabled or mode == "disable":
@@ -801,7 +920,7 @@ class CheckpointManager(BaseCheckpointManager):
         objects = dict(model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader)
         if mode == "from_path":
             return self._load_from_path(Path(self.config.resume.resume_path or ""), objects)
-        candidates = sorted(self.layout.committed_steps().items(), reverse=True)
+        candidates = list(reversed(self.layout.committed_steps().items()))
         if not candidates:
             logger.info("resume.mode=auto: no checkpoint in %s, starting fresh", self.layout.root)
             return None
@@ -886,7 +1005,19 @@ class CheckpointManager(BaseCheckpointManager):
         if not weights_only:
             self._load_training_state(path, info, model, optimizer, scheduler, dataloader, preloaded)
         logger.info("resumed from %s (step %d%s) in %.2fs", path, state.step, ", weights only" if weights_only else "", time.perf_counter() - started)
+        self._warn_if_later_steps(state.step)
         return state
+
+    def _warn_if_later_steps(self, step: int) -> None:
+        """Say so when training goes on from `step` while the run holds checkpoints of later steps (a rollback)."""
+        later = [later for later in self.layout.committed_steps() if later > step]
+        if later:
+            logger.warning(
+                "resuming from step %d while %s holds later step(s) %s: training goes on from step %d on a new timeline. "
+                "Its saves are the newest checkpoints from now on (resume.mode: auto picks the most recent commit); a save "
+                "at one of those steps replaces it, and the others stay until retention evicts them or you delete them",
+                step, self.layout.root, ", ".join(map(str, sorted(later))), step,
+            )
 
     @staticmethod
     def _model_dir(path: Path, model: torch.nn.Module) -> str:

@@ -17,7 +17,8 @@ from typing import Any
 
 from .atomic import atomic_write_json
 from .errors import CorruptCheckpointError
-from .layout import FORMAT_VERSION, TRAINING_INFO, CheckpointLayout
+from .layout import COMMIT_SEQ, FORMAT_VERSION, TRAINING_INFO, CheckpointLayout, commit_order
+from .retention import RetentionPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,12 @@ class Registry:
     def write(self, data: dict[str, Any]) -> None:
         data["format_version"] = FORMAT_VERSION
         data["name_template"] = self.layout.name_template  # what `CheckpointLayout.of_run` (the CLI) names checkpoints by
-        data["checkpoints"] = sorted(data["checkpoints"], key=lambda row: row["step"])
+        data["checkpoints"] = in_commit_order(data["checkpoints"])
         atomic_write_json(self.layout.registry_path, data)
 
     def records(self) -> list[dict[str, Any]]:
-        """Registry rows of committed checkpoints, oldest first."""
-        return self.read()["checkpoints"]
+        """Registry rows of committed checkpoints in commit order: oldest first, the newest (most recent commit) last."""
+        return in_commit_order(self.read()["checkpoints"])
 
     def reconcile(self) -> dict[str, Any]:
         """Bring the index in line with the committed directories and return it.
@@ -74,7 +75,7 @@ class Registry:
 
     def _reconcile(self) -> dict[str, Any]:
         data = self.read()
-        committed = self.layout.committed_steps()
+        committed = self.layout.committed_infos()
         rows = {row["step"]: row for row in data["checkpoints"] if isinstance(row, dict) and isinstance(row.get("step"), int)}
         changed = len(rows) != len(data["checkpoints"])
         for step in list(rows):
@@ -82,15 +83,21 @@ class Registry:
                 logger.info("registry: dropping step %d, its directory is gone", step)
                 del rows[step]
                 changed = True
-        for step, path in committed.items():
-            if step not in rows:
-                rows[step] = record_from_training_info(step, path.name, json.loads((path / TRAINING_INFO).read_text()))
-                logger.info("registry: indexing committed checkpoint %s that was not listed", path.name)
+        for step, info in committed.items():
+            # A row of another commit of this step (a crash between a re-save's rename and its indexing) is re-derived too.
+            if step not in rows or (info is not None and rows[step].get(COMMIT_SEQ) != info.get(COMMIT_SEQ)):
+                rows[step] = record_from_training_info(step, self.layout.step_name(step), info or {})
+                logger.info("registry: indexing committed checkpoint %s from its %s", self.layout.step_name(step), TRAINING_INFO)
                 changed = True
         data["checkpoints"] = list(rows.values())
         if changed:
             self.write(data)
         return data
+
+
+def in_commit_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Registry rows sorted by `layout.commit_order`: oldest commit first, the newest last."""
+    return sorted(rows, key=lambda row: commit_order(row["step"], row))
 
 
 def record_from_training_info(step: int, name: str, info: dict[str, Any]) -> dict[str, Any]:
@@ -101,5 +108,20 @@ def record_from_training_info(step: int, name: str, info: dict[str, Any]) -> dic
         "epoch": info.get("epoch"),
         "metrics": info.get("metrics") or {},
         "created_at": info.get("created_at"),
+        COMMIT_SEQ: info.get(COMMIT_SEQ),
+        "retention": info.get("retention"),
         "size_bytes": sum(entry.get("size", 0) for entry in (info.get("manifest") or {}).values()),
     }
+
+
+def retention_saved_under(row: dict[str, Any], data: dict[str, Any]) -> RetentionPolicy | None:
+    """The retention settings a checkpoint was committed under, None when not recorded.
+
+    Rows written before each checkpoint recorded its own settings take those the registry
+    recorded at the run's last commit (every one of them was retained under those).
+    """
+    recorded = row.get("retention") if isinstance(row.get("retention"), dict) else data
+    try:
+        return RetentionPolicy(recorded["keep_top_k"], recorded["metric_name"], recorded["higher_is_better"])
+    except KeyError:
+        return None

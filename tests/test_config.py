@@ -6,8 +6,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hf_rl_ckpt import CheckpointConfig, ConfigError
+from hf_rl_ckpt.layout import CheckpointLayout
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -96,3 +99,25 @@ def test_subclass_adds_fields():
 
     cfg = MyConfig.from_dict({"checkpointing": {"upload_bucket": "s3://x", "save_period": 2}})
     assert cfg.upload_bucket == "s3://x" and cfg.save_period == 2
+
+
+# ---------------------------------------------------------------- checkpoint_name_template: one rule that formats and parses
+@pytest.mark.parametrize("template", ["step_{step}", "ckpt_{step:06d}", "{step:d}", "run-{step:03}-final", "a{{b}}_{step}", "{step}"])
+@settings(max_examples=200, deadline=None)
+@given(step=st.integers(min_value=0, max_value=10**12))
+def test_name_template_round_trips_every_step(template, step):
+    layout = CheckpointLayout("runs", CheckpointConfig(checkpoint_name_template=template).checkpoint_name_template)
+    assert layout.parse_step(layout.step_name(step)) == step
+
+
+def test_a_name_counts_only_if_it_is_the_step_name():
+    assert CheckpointLayout("runs", "ckpt_{step:06d}").parse_step("ckpt_40") is None
+    assert CheckpointLayout("runs").parse_step("step_040") is None
+
+
+@pytest.mark.parametrize(
+    "template", ["{step:.2f}", "{step:x}", "{step:>6}", "{step:6d}", "{step!r}", "ckpt_{step}_{epoch}", "{}", "ckpt", "a/{step}", "x{step"]
+)
+def test_name_template_that_cannot_parse_back_is_refused(template):
+    with pytest.raises(ConfigError, match=r"checkpoint_name_template .*'ckpt_\{step:06d\}'"):
+        CheckpointConfig(checkpoint_name_template=template)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager
 from hf_rl_ckpt.errors import CheckpointError
@@ -15,6 +17,7 @@ def _replay(policy: RetentionPolicy, sequence: list[tuple[int, float | None]]) -
     """Apply the policy after each save, as the manager does, and return what survives."""
     kept: dict[int, float | None] = {}
     for step, value in sequence:
+        kept.pop(step, None)  # a re-save of a step is a new commit: the newest
         kept[step] = value
         kept = {s: v for s, v in kept.items() if s in policy.retained(kept)}
     return set(kept)
@@ -67,3 +70,29 @@ def test_manager_applies_topk_over_a_run(tmp_path, make_objects, caplog):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_3", "step_6"]
     assert manager.best().name == "step_6"
     assert "evicted step(s) 2, 5" in caplog.text
+
+
+def test_the_newest_is_the_most_recent_commit_not_the_highest_step():
+    """Resumed from step 20 of 10..40: the new timeline's save (25) is the newest, and is kept."""
+    by_metric = RetentionPolicy(1, "eval_loss", False)
+    assert _replay(by_metric, [(10, 1.0), (20, 0.5), (30, 0.7), (25, 0.6)]) == {20, 25}
+    assert _replay(by_metric, [(10, 1.0), (20, 0.5), (30, 0.7), (25, 0.6), (26, 0.9)]) == {20, 26}
+    by_recency = RetentionPolicy(2, "step", True)  # "the k most recent" follows the new timeline too
+    values = {s: metric_value({}, "step", s) for s in (10, 20, 30, 40, 21, 22)}
+    assert by_recency.retained(values) == {21, 22}
+
+
+def test_ties_prefer_the_more_recent_commit():
+    assert RetentionPolicy(1, "r", True).top_k({30: 0.5, 20: 0.5}) == [20]
+
+
+@given(
+    saves=st.lists(st.tuples(st.integers(0, 40), st.one_of(st.none(), st.floats(-1, 1))), min_size=1, max_size=30),
+    keep_top_k=st.integers(1, 3), metric=st.sampled_from(["r", "step"]), higher_is_better=st.booleans(),
+)
+def test_the_most_recent_save_always_survives_any_sequence_of_rollbacks(saves, keep_top_k, metric, higher_is_better):
+    policy = RetentionPolicy(keep_top_k, metric, higher_is_better)
+    sequence = [(step, metric_value({} if value is None else {"r": value}, metric, step)) for step, value in saves]
+    kept = _replay(policy, sequence)
+    assert sequence[-1][0] in kept
+    assert len(kept) <= keep_top_k + 1

@@ -18,7 +18,7 @@ NexRL. What differs, deliberately:
   and RNG without pickle, a manifest), committed atomically, verified on load;
 - `remove_previous_ckpt` removes the older checkpoints of that directory *after* the new
   one is committed (NexRL deletes the previous one before saving, so a crash in between
-  leaves nothing); it is top-1 retention by step;
+  leaves nothing); it is top-1 retention by recency (the most recent save);
 - `save_weight_only` saves the model (and RNG, config) but no optimizer or scheduler;
 - `saved_fully_shared_ckpt` is accepted and not needed: a sharded (FSDP2) model is saved
   both per rank and consolidated, a plain one consolidated;

@@ -85,14 +85,14 @@ class Leaderboard:
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, Any]], policy: RetentionPolicy) -> "Leaderboard":
-        """The leaderboard of registry rows (`{"step": N, "metrics": {...}}`) under `policy`."""
-        values = {row["step"]: metric_value(row.get("metrics"), policy.metric_name, row["step"]) for row in rows}
+        """The leaderboard of registry rows (`{"step": N, "metrics": {...}}`, in commit order) under `policy`."""
+        values = {row["step"]: metric_value(row.get("metrics"), policy.metric_name, row["step"]) for row in rows}  # commit order
         ranking = policy.top_k(values)
         entries = [LeaderboardEntry(step, values[step], rank, branch_for(step)) for rank, step in enumerate(ranking, start=1)]
         if policy.keep_top_k is None:
-            unranked = sorted((step for step in values if step not in ranking), reverse=True)
+            unranked = [step for step in reversed(values) if step not in ranking]  # the most recent commit first
             entries += [LeaderboardEntry(step, None, None, branch_for(step)) for step in unranked]
-        main = ranking[0] if ranking else max((e.step for e in entries), default=None)
+        main = ranking[0] if ranking else (entries[0].step if entries else None)
         return cls(policy.metric_name, policy.higher_is_better, tuple(entries), main)
 
     @classmethod

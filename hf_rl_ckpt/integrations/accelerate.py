@@ -303,7 +303,7 @@ class AccelerateCheckpointing:
         output_dir = Path(output_dir)
         step = self.manager.layout.parse_step(output_dir.name)
         if step is None or output_dir.parent.resolve() != self.manager.layout.root.resolve():
-            example = self.manager.layout.root / self.manager.config.checkpoint_name_template.format(step="N")
+            example = self.manager.layout.step_dir(self.accelerator.save_iteration)
             raise CheckpointError(
                 f"save_state({str(output_dir)!r}): hf_rl_ckpt writes checkpoints into checkpoint_dir "
                 f"({self.manager.layout.root}); call save_state(step=N) or save_state('{example}')"

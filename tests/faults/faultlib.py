@@ -108,7 +108,7 @@ def check_after_fault(ckpt: Path, ever_reported: set[int], config: dict | None =
         if ever_reported:
             assert present and max(present) >= max(ever_reported), f"newest {present} older than reported {max(ever_reported)}"
         policy = RetentionPolicy(CONFIG["keep_top_k"], CONFIG["metric_name"])
-        must_keep = policy.retained({step: float(step) for step in ever_reported | set(present)})
+        must_keep = policy.retained({step: float(step) for step in sorted(ever_reported | set(present))})  # in commit order
         lost = sorted(must_keep - set(present))
         assert not lost, f"committed checkpoint(s) {lost} lost; present {present}"
         if not present:
