@@ -837,7 +837,7 @@ class CheckpointManager(BaseCheckpointManager):
             "epoch": epoch,
             "metrics": metrics,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            COMMIT_SEQ: self.layout.next_commit_seq(),  # what makes it the newest checkpoint, whatever its step
+            COMMIT_SEQ: self.registry.next_commit_seq(),  # what makes it the newest checkpoint, whatever its step
             "retention": dataclasses.asdict(self.policy),  # retention never evicts it under other settings
             "save_seconds": None,
             "world_size": distributed.world_size(),

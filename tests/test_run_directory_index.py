@@ -65,3 +65,19 @@ def test_a_restart_with_another_name_template_is_refused(tmp_path, make_objects,
     # An empty directory (or one whose checkpoints are all gone) takes any template.
     shutil.rmtree(tmp_path / "step_5")
     CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path), checkpoint_name_template=template)).finalize()
+
+
+def test_the_save_after_the_newest_checkpoint_was_garbled_is_not_evicted(tmp_path, make_objects):
+    """The newest checkpoint's training_info.json becomes unreadable (a disk error); the next save is the most recent
+    commit and must be kept. Its commit order used to come from the readable training_info.json files only, so it
+    could rank below the garbled checkpoint's indexed order, and retention evicted the save just made."""
+    objects = make_objects()
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path), keep_top_k=2, metric_name="loss"))
+    manager.save(1, **objects.as_kwargs(), metrics={"loss": 0.5})
+    manager.save(3, **objects.as_kwargs())
+    manager.save(3, **objects.as_kwargs())  # a re-save of the step: a later commit
+    (tmp_path / "step_3" / "training_info.json").write_text('{"format_version": 1, "manifest": {')
+    saved = manager.save(4, **objects.as_kwargs())
+    assert (saved / "training_info.json").is_file(), "the save just made was evicted"
+    assert manager.latest() == saved
+    assert [row["step"] for row in manager.checkpoints()][-1] == 4, "the index does not order the save just made last"
