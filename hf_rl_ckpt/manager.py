@@ -250,8 +250,13 @@ class BaseCheckpointManager:
 
     # ------------------------------------------------------------- queries
     def checkpoints(self) -> list[dict[str, Any]]:
-        """Registry rows of committed checkpoints in commit order, the newest last (step, metrics, top_k_rank, ...)."""
-        return self.registry.records()
+        """Registry rows of committed checkpoints in commit order, the newest last (step, metrics, top_k_rank, ...).
+
+        Only rows of checkpoints still on disk: one deleted by hand stays in the index until the
+        next save or start reconciles it, and must not be listed (or returned by `best()`) meanwhile.
+        """
+        committed = self.layout.committed_steps()
+        return [row for row in self.registry.records() if row["step"] in committed]
 
     def latest(self) -> Path | None:
         """The newest committed checkpoint (the most recent commit, not the highest step), or None."""

@@ -218,7 +218,6 @@ class CheckpointRun(RuleBasedStateMachine):
         self.last_commit: int | None = None  # the step of the most recent commit (None once the test deleted it)
         self.seen: dict[int, str] = {}  # step -> signature on disk at the last check
         self.removed_by_test: set[int] = set()  # since the last check
-        self.removed_since_indexed: set[int] = set()  # removed by the test since the running manager last indexed
         self.child_lines: list[str] = []  # log lines of crashed children since the last check
         self.template = TEMPLATES[0]
         self.relative = False
@@ -302,7 +301,6 @@ class CheckpointRun(RuleBasedStateMachine):
         """A new training process starts on the directory, from where the job was launched."""
         os.chdir(self.launch)
         self.manager = CheckpointManager(self._config(resume=self.resume_config))
-        self.removed_since_indexed.clear()
 
     def _resume_and_check(self) -> None:
         """The new process resumes as configured; the model says from which step."""
@@ -336,16 +334,19 @@ class CheckpointRun(RuleBasedStateMachine):
         value = self.committed[step].metrics.get(metric_name)
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
+    def _ranking(self) -> list[int]:
+        """Steps that rank under the current settings, best first; ties: the more recent commit ranks higher."""
+        ranked = [step for step in self.committed if self._rank_value(step) is not None]
+        sign = -1.0 if self.retention[2] else 1.0
+        return sorted(ranked, key=lambda step: (sign * self._rank_value(step), -self.committed[step].seq))
+
     def _expected_evictions(self, newest: int) -> set[int]:
         """What retention evicts after the commit of `newest`: not in the top k (ties: the more recent commit ranks
         higher), not `newest`, and saved under the current settings (retention never deletes what other settings kept)."""
-        keep_top_k, _metric_name, higher_is_better = self.retention
+        keep_top_k, _metric_name, _higher_is_better = self.retention
         if keep_top_k is None:
             return set()
-        ranked = [step for step in self.committed if self._rank_value(step) is not None]
-        sign = -1.0 if higher_is_better else 1.0
-        ranked.sort(key=lambda step: (sign * self._rank_value(step), -self.committed[step].seq))
-        kept = set(ranked[:keep_top_k]) | {newest}
+        kept = set(self._ranking()[:keep_top_k]) | {newest}
         return {step for step, entry in self.committed.items() if step not in kept and entry.retention == self.retention}
 
     # ------------------------------------------------------------- rules
@@ -402,7 +403,6 @@ class CheckpointRun(RuleBasedStateMachine):
             for key, value in recorded.items():
                 assert value is None or type(value) in (int, float), f"{where}[{key!r}] recorded as {type(value).__name__}"
         self._commit(step, info["metrics"], self.retention, fingerprint(self.objects.model))
-        self.removed_since_indexed.clear()
         for evicted in self._expected_evictions(newest=step):
             del self.committed[evicted]
         self.step = step
@@ -533,7 +533,6 @@ class CheckpointRun(RuleBasedStateMachine):
         if removes:
             del self.committed[step]
             self.removed_by_test.add(step)
-            self.removed_since_indexed.add(step)
             if self.last_commit == step:
                 self.last_commit = None
         else:
@@ -580,9 +579,7 @@ class CheckpointRun(RuleBasedStateMachine):
         newest = self._newest()
         expected_latest = self.layout.step_name(newest) if newest is not None else None
         live_latest = self.manager.latest()
-        # The running manager's registry is an index it updates at start and at each commit: a checkpoint the
-        # test just removed behind its back may still be listed until then.
-        live_rows = sorted(row["step"] for row in self.manager.checkpoints() if row["step"] not in self.removed_since_indexed)
+        live_rows = sorted(row["step"] for row in self.manager.checkpoints())
         cli_rows = sorted(row["step"] for row in list_rows(self.root))
         # A fresh process starts on a copy (hard links; a start may rewrite the registry and clean up): starting one on
         # the run's directory would repair what the running process left wrong before the next rule could trip on it.
@@ -595,6 +592,10 @@ class CheckpointRun(RuleBasedStateMachine):
                 f"latest(): running manager {live_latest}, fresh manager {fresh_latest}; the most recent commit is {expected_latest}"
             )
             assert live_rows == cli_rows == sorted(self.committed), f"registry {live_rows}, `list` {cli_rows}, model {sorted(self.committed)}"
+            ranking = self._ranking()
+            expected_best = self.layout.step_name(ranking[0]) if ranking else expected_latest
+            best = self.manager.best()
+            assert (best and best.name) == expected_best, f"best(): {best}; by {self.retention[1]!r} the model says {expected_best}"
             expected = self._newest_loadable()
             state = fresh.resume(**self.scratch.as_kwargs())
             got = state.step if state is not None else None

@@ -81,3 +81,15 @@ def test_the_save_after_the_newest_checkpoint_was_garbled_is_not_evicted(tmp_pat
     assert (saved / "training_info.json").is_file(), "the save just made was evicted"
     assert manager.latest() == saved
     assert [row["step"] for row in manager.checkpoints()][-1] == 4, "the index does not order the save just made last"
+
+
+def test_queries_do_not_return_a_checkpoint_deleted_by_hand(tmp_path, make_objects):
+    """Between a hand deletion and the next save, `best()` returned the deleted checkpoint's path and `checkpoints()`
+    listed it: the index only catches up at a save or start, the queries must not present what is gone."""
+    objects = make_objects()
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path), keep_top_k=3, metric_name="reward"))
+    manager.save(1, **objects.as_kwargs(), metrics={"reward": 2.5})
+    manager.save(2, **objects.as_kwargs(), metrics={"reward": 1.0})
+    shutil.rmtree(tmp_path / "step_1")
+    assert manager.best() == tmp_path / "step_2"
+    assert [row["step"] for row in manager.checkpoints()] == [2]
