@@ -69,7 +69,7 @@ from faultlib import Zygote, reported  # noqa: E402
 
 #: The default run: small enough for CI on two shared cores, derandomized so CI is reproducible.
 DEFAULT_SETTINGS = settings(
-    max_examples=6, stateful_step_count=20, deadline=None, derandomize=True, database=None, print_blob=False,
+    max_examples=16, stateful_step_count=25, deadline=None, derandomize=True, database=None, print_blob=False,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
