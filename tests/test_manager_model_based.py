@@ -56,7 +56,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointError, CheckpointManager, ConfigError, CorruptCheckpointError, verify_checkpoint
 from hf_rl_ckpt.cli import list_rows
@@ -101,6 +101,9 @@ METRICS = st.dictionaries(METRIC_NAMES, VALUES, max_size=3)
 ORDINARY_METRICS = st.dictionaries(METRIC_NAMES, NUMBERS, max_size=2)
 EXTRA_STATE = st.dictionaries(st.sampled_from(["tokens_seen", "ema"]), VALUES, max_size=2)
 
+#: Picks one of a list that depends on the run's state (`pick`). Rules draw nothing whose shape depends on that state,
+#: and have no preconditions: a crash's outcome varies with timing, and hypothesis replays draws as recorded.
+PICK = st.integers(0, 2**16 - 1)
 #: (keep_top_k, metric_name, higher_is_better), as a checkpoint records the settings it was saved under.
 Retention = tuple[int | None, str | None, bool]
 RETENTION = st.one_of(
@@ -123,6 +126,10 @@ TEMPLATES = _supported_templates()
 #: Where a crash kills the child: each named fault point of a save (at its 1st-3rd hit), or a SIGKILL after a random delay.
 CRASH_POINTS = [point for point in FAULT_POINTS if point != "commit.before_hub_enqueue"] + ["sigkill"]
 DAMAGES = ["flip", "truncate", "extend", "delete_file", "plant_file", "garble_info", "delete_info", "delete_checkpoint"]
+
+
+def pick(options: list, which: int) -> Any:
+    return options[which % len(options)]
 
 
 def classify(value: Any) -> tuple[str, Any]:
@@ -407,13 +414,14 @@ class CheckpointRun(RuleBasedStateMachine):
             del self.committed[evicted]
         self.step = step
 
-    @precondition(lambda self: not self.committed or self._newest_loadable() is not None)
     @rule(
         point=st.sampled_from(CRASH_POINTS), hit=st.integers(1, 3), saves=st.integers(1, 4), delay=st.floats(0.0, 0.6),
         restart_with=st.one_of(st.none(), RETENTION),
     )
     def crash(self, point: str, hit: int, saves: int, delay: float, restart_with: Retention | None) -> None:
         """The training process dies; a new one (a real child) resumes, saves and is killed; then the job restarts."""
+        if self.committed and self._newest_loadable() is None:
+            return  # nothing to resume from: a run whose every checkpoint is damaged cannot go on (see `damage`)
         STATS["crash"] += 1
         self._end_process()
         trial = self.work / f"child-{self.seq}-{time.monotonic_ns()}"
@@ -457,8 +465,11 @@ class CheckpointRun(RuleBasedStateMachine):
             del self.committed[step]  # check_run asserts that an eviction named it
         self._resume_and_check()
 
-    @rule(restart_with=st.one_of(st.none(), RETENTION), template=st.one_of(st.none(), st.sampled_from(TEMPLATES)), data=st.data())
-    def restart(self, restart_with: Retention | None, template: str | None, data: st.DataObject) -> None:
+    @rule(
+        restart_with=st.one_of(st.none(), RETENTION), template=st.one_of(st.none(), st.sampled_from(TEMPLATES)),
+        from_path=st.booleans(), which=PICK,
+    )
+    def restart(self, restart_with: Retention | None, template: str | None, from_path: bool, which: int) -> None:
         """The job stops cleanly and starts again, maybe with other retention settings or another name template;
         it resumes auto, or from_path an older checkpoint (a new timeline)."""
         STATS["restart"] += 1
@@ -468,7 +479,7 @@ class CheckpointRun(RuleBasedStateMachine):
         if template is not None and template != self.template:
             self._change_template(template)
         loadable = sorted(step for step, entry in self.committed.items() if entry.damage is None)
-        self.resume_from = data.draw(st.sampled_from(loadable), label="from_path step") if loadable and data.draw(st.booleans(), label="from_path") else None
+        self.resume_from = pick(loadable, which) if from_path and loadable else None
         if self.resume_from is None:
             self.resume_config = {"mode": "auto"}
         else:
@@ -494,9 +505,8 @@ class CheckpointRun(RuleBasedStateMachine):
         assert self._tree() == before, "a start refused for its name template changed the checkpoint dir"
         STATS["restart new template refused"] += 1
 
-    @precondition(lambda self: self.committed)
-    @rule(how=st.sampled_from(DAMAGES), data=st.data())
-    def damage(self, how: str, data: st.DataObject) -> None:
+    @rule(how=st.sampled_from(DAMAGES), which=PICK, which_file=PICK, which_byte=PICK)
+    def damage(self, how: str, which: int, which_file: int, which_byte: int) -> None:
         """Something outside the library breaks a committed checkpoint (a disk error, a user's rm)."""
         removes = how in ("delete_info", "delete_checkpoint")
         loadable = {step for step, entry in self.committed.items() if entry.damage is None}
@@ -504,7 +514,7 @@ class CheckpointRun(RuleBasedStateMachine):
         targets = sorted(step for step in self.committed if loadable - {step} or (removes and len(self.committed) == 1))
         if not targets:
             return
-        step = data.draw(st.sampled_from(targets), label="damaged step")
+        step = pick(targets, which)
         STATS[f"damage {how}"] += 1
         path = self.layout.step_dir(step)
         if how == "delete_checkpoint":
@@ -517,7 +527,9 @@ class CheckpointRun(RuleBasedStateMachine):
             (path / "model" / "planted.bin").write_bytes(b"not written by hf_rl_ckpt")
         else:
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != TRAINING_INFO)
-            target = data.draw(st.sampled_from(files), label="damaged file")
+            if not files:
+                return
+            target = pick(files, which_file)
             content = target.read_bytes()
             if how == "delete_file":
                 target.unlink()
@@ -526,7 +538,7 @@ class CheckpointRun(RuleBasedStateMachine):
             elif how == "extend":
                 target.write_bytes(content + b"\0" * 8)
             elif content:
-                offset = data.draw(st.integers(0, len(content) - 1), label="flipped byte")
+                offset = which_byte % len(content)
                 target.write_bytes(content[:offset] + bytes([content[offset] ^ 0x40]) + content[offset + 1:])
             else:
                 target.write_bytes(b"x")
