@@ -3,8 +3,8 @@
 A run is a sequence of rules: save (random metrics and extra state: missing, NaN, numpy,
 0-d tensors, values JSON cannot hold, a negative step), crash (a real child process forked
 by the fault suite's fork server, killed at a named fault point of a save or by a SIGKILL
-after a random delay), restart with the same or changed retention settings, resume `auto`
-or `from_path` an older step (and keep saving: a new timeline), damage a committed
+after a random delay), restart with the same or changed retention settings or name
+template, resume `auto` or `from_path` an older step (and keep saving: a new timeline), damage a committed
 checkpoint (flip, truncate, extend or delete one of its files, plant a file, garble or
 delete its training_info.json, delete it whole), and chdir (the checkpoint_dir may be relative).
 
@@ -19,16 +19,21 @@ After every rule `check_run` asserts, in this order:
 3. the directory is the model: the committed checkpoints on disk are exactly the model's,
    each still the commit the model knows (a re-save would change its training_info.json);
 4. the most recent commit is there;
-5. every view agrees with the model: the running manager's `latest()` and registry, a
-   fresh manager's `latest()` on the same directory, `hf-rl-ckpt list` (`cli.list_rows`);
-6. a fresh manager's `resume` (auto) loads the newest undamaged checkpoint, with the
+5. every view agrees with the model: the running manager's `latest()`, `best()` and
+   `checkpoints()`, a fresh manager's `latest()` (started on a hard-link copy of the
+   directory, so that its start repairs nothing for the run), `hf-rl-ckpt list` (`cli.list_rows`);
+6. that fresh manager's `resume` (auto) loads the newest undamaged checkpoint, with the
    weights that were saved at that step;
 7. every checkpoint the test did not damage passes `verify_checkpoint`; every damaged one fails it;
 8. nothing was written relative to a directory the process chdir'ed into.
 
 Each save also checks what it recorded (numpy/tensor scalars as numbers, non-finite
 values as null, strict JSON), and each refused save that it refused before writing
-anything. Default: a few short derandomized runs (well under two minutes on two cores);
+anything; each crash that the child resumed where the model says and that no step it
+reported committed vanished without an eviction line; each restart that it resumed where
+the model says (a rollback warns naming the later steps) and that another name template is
+refused while checkpoints carry the old one. Default: 16 short derandomized runs (about a
+minute on two cores);
 `--hypothesis-profile=soak` (registered in tests/conftest.py) runs many more, see
 benchmarks/model_based_soak.py.
 """
