@@ -197,6 +197,8 @@ class BaseCheckpointManager:
                 f"checkpoint_dir {self.layout.root} is a file, not a directory; point checkpoint_dir at a directory "
                 "(it is created if missing)"
             )
+        if config.enabled:
+            self._check_name_template()
         self._reported_kept: set[int] = set()  # steps already named as kept by other retention settings
         self._started = time.monotonic()
         self._deadline = (
@@ -204,6 +206,23 @@ class BaseCheckpointManager:
         )
         self._deadline_saved = False
         self._warned_unranked = False
+
+    def _check_name_template(self) -> None:
+        """Refuse a `checkpoint_name_template` other than the one this directory's checkpoints are named by.
+
+        Under another template they would not parse as checkpoints: the run would silently start
+        fresh next to them, and the start would drop them from the index. Checked before anything is written.
+        """
+        recorded = CheckpointLayout.of_run(self.layout.root)
+        if recorded.name_template == self.layout.name_template:
+            return
+        named = [path.name for path in recorded.committed_steps().values()]
+        if named:
+            raise ConfigError(
+                f"checkpoint_name_template {self.layout.name_template!r} does not name the checkpoints already in "
+                f"{self.layout.root}: they are named by {recorded.name_template!r} ({', '.join(named[:5])}{', ...' if len(named) > 5 else ''}). "
+                f"Keep checkpoint_name_template: {recorded.name_template!r} for this checkpoint_dir, or use a new checkpoint_dir"
+            )
 
     # ------------------------------------------------------------- policies
     def should_save(self, step: int) -> bool:
@@ -231,8 +250,13 @@ class BaseCheckpointManager:
 
     # ------------------------------------------------------------- queries
     def checkpoints(self) -> list[dict[str, Any]]:
-        """Registry rows of committed checkpoints in commit order, the newest last (step, metrics, top_k_rank, ...)."""
-        return self.registry.records()
+        """Registry rows of committed checkpoints in commit order, the newest last (step, metrics, top_k_rank, ...).
+
+        Only rows of checkpoints still on disk: one deleted by hand stays in the index until the
+        next save or start reconciles it, and must not be listed (or returned by `best()`) meanwhile.
+        """
+        committed = self.layout.committed_steps()
+        return [row for row in self.registry.records() if row["step"] in committed]
 
     def latest(self) -> Path | None:
         """The newest committed checkpoint (the most recent commit, not the highest step), or None."""
@@ -314,7 +338,6 @@ class BaseCheckpointManager:
             metric_name=self.config.metric_name,
             higher_is_better=self.config.higher_is_better,
             keep_top_k=self.config.keep_top_k,
-            name_template=self.config.checkpoint_name_template,
         )
         self.registry.write(data)
         faultpoint("retention.before_delete")
@@ -552,6 +575,8 @@ class CheckpointManager(BaseCheckpointManager):
         if self.read_only:
             raise ReadOnlyCheckpointDirError(f"{self.layout.root} is read-only (found at start); earlier checkpoints are untouched")
         self._lock.acquire()  # a no-op while held; takes it again after finalize() released it
+        # Checkpoints deleted by hand since the last commit leave the index now: retention could not move them away.
+        self.registry.reconcile()
         if staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
@@ -817,7 +842,7 @@ class CheckpointManager(BaseCheckpointManager):
             "epoch": epoch,
             "metrics": metrics,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            COMMIT_SEQ: self.layout.next_commit_seq(),  # what makes it the newest checkpoint, whatever its step
+            COMMIT_SEQ: self.registry.next_commit_seq(),  # what makes it the newest checkpoint, whatever its step
             "retention": dataclasses.asdict(self.policy),  # retention never evicts it under other settings
             "save_seconds": None,
             "world_size": distributed.world_size(),

@@ -56,12 +56,23 @@ class Registry:
 
     def write(self, data: dict[str, Any]) -> None:
         data["format_version"] = FORMAT_VERSION
+        data["name_template"] = self.layout.name_template  # what `CheckpointLayout.of_run` (the CLI) names checkpoints by
         data["checkpoints"] = in_commit_order(data["checkpoints"])
         atomic_write_json(self.layout.registry_path, data)
 
     def records(self) -> list[dict[str, Any]]:
         """Registry rows of committed checkpoints in commit order: oldest first, the newest (most recent commit) last."""
         return in_commit_order(self.read()["checkpoints"])
+
+    def next_commit_seq(self) -> int:
+        """The `commit_seq` of the next commit: above every commit of the run, as the checkpoints and this index know them.
+
+        The index counts too: it keeps the order of a checkpoint whose training_info.json became
+        unreadable, and the next commit must still come after that one, or retention takes the
+        damaged checkpoint for the newest and evicts the save just made.
+        """
+        indexed = (commit_order(row["step"], row)[0] for row in self.read()["checkpoints"])
+        return max(self.layout.next_commit_seq(), 1 + max(indexed, default=0))
 
     def reconcile(self) -> dict[str, Any]:
         """Bring the index in line with the committed directories and return it.

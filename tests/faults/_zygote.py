@@ -9,7 +9,11 @@ Protocol: one JSON object per line on stdin, one reply per line on stdout.
     {"cmd": "run", "ckpt": DIR, "ready": FILE, "fault": "commit.before_rename@3" | null, "seed": 0, "config": {...}}
         -> {"pid": PID}       the child resumes from DIR, then trains and saves every step,
                               appending each committed step to FILE, until killed; "config"
-                              adds CheckpointConfig fields (e.g. Hub publishing)
+                              adds or overrides CheckpointConfig fields (e.g. Hub publishing).
+                              Optional: "metric": NAME records each step's training loss under
+                              NAME; "stop_after": N exits (code 0) after N saves; "log": FILE
+                              appends the library's log records there (the model-based test
+                              reads the child's eviction decisions from it)
     {"cmd": "wait", "pid": PID} -> {"signal": 9} or {"exit_code": 1}
     {"cmd": "exit"}
 
@@ -19,6 +23,7 @@ Run from the parent with `python _zygote.py`; stderr of the children is inherite
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import traceback
@@ -46,23 +51,39 @@ def training_objects(seed: int):
     return model, optimizer, scheduler, ResumableDataLoader(DataLoader(data, batch_size=4, shuffle=True))
 
 
-def train_forever(ckpt: str, ready: str, seed: int, config: dict) -> None:
-    """Resume, then train and save every step, reporting each committed step, until killed."""
+def train_forever(ckpt: str, ready: str, seed: int, config: dict, metric: str | None = None, stop_after: int | None = None) -> None:
+    """Resume, then train and save every step, reporting each committed step, until killed (or `stop_after` saves)."""
     model, optimizer, scheduler, loader = training_objects(seed)
-    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=ckpt, **CONFIG, **config))
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=ckpt, **{**CONFIG, **config}))
     state = manager.resume(model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader)
     step = state.step if state else 0
+    saves = 0
     with open(ready, "a") as report:
-        while True:
+        while stop_after is None or saves < stop_after:
             for batch in loader:
-                model(input_ids=batch, labels=batch).loss.backward()
+                loss = model(input_ids=batch, labels=batch).loss
+                loss.backward()
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
                 step += 1
-                manager.save(step, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader)
+                metrics = {metric: loss.item()} if metric else None
+                manager.save(step, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader, metrics=metrics)
                 report.write(f"{step}\n")
                 report.flush()
+                saves += 1
+                if saves == stop_after:
+                    break
+    manager.finalize()
+
+
+def log_to(path: str) -> None:
+    """Append this process's `hf_rl_ckpt` log records (INFO and up) to `path`, one per line."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    library = logging.getLogger("hf_rl_ckpt")
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
 
 
 def serve() -> None:
@@ -77,7 +98,12 @@ def serve() -> None:
                 try:
                     if request.get("fault"):
                         os.environ[ENV_VAR] = request["fault"]
-                    train_forever(request["ckpt"], request["ready"], request.get("seed", 0), request.get("config") or {})
+                    if request.get("log"):
+                        log_to(request["log"])
+                    train_forever(
+                        request["ckpt"], request["ready"], request.get("seed", 0), request.get("config") or {},
+                        metric=request.get("metric"), stop_after=request.get("stop_after"),
+                    )
                 except BaseException:  # a forked child must never return into this loop: report, then exit 1
                     traceback.print_exc()
                     code = 1

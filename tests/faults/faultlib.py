@@ -48,8 +48,9 @@ class Zygote:
             raise RuntimeError(f"the fork server died (exit code {self.proc.poll()})")
         return json.loads(line)
 
-    def run(self, ckpt: Path, ready: Path, fault: str | None = None, seed: int = 0, config: dict | None = None) -> int:
-        return self._ask(cmd="run", ckpt=str(ckpt), ready=str(ready), fault=fault, seed=seed, config=config)["pid"]
+    def run(self, ckpt: Path, ready: Path, fault: str | None = None, seed: int = 0, config: dict | None = None, **options) -> int:
+        """Fork a training child; `options` are the optional request fields of `_zygote.py` (metric, stop_after, log)."""
+        return self._ask(cmd="run", ckpt=str(ckpt), ready=str(ready), fault=fault, seed=seed, config=config, **options)["pid"]
 
     def wait(self, pid: int) -> dict:
         return self._ask(cmd="wait", pid=pid)
