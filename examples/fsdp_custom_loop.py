@@ -21,6 +21,7 @@ same world size continues with exactly the batches the interrupted run would hav
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(args)
     finally:
+        # FSDP2's hooks form reference cycles that keep the sharded model, and through its device
+        # mesh the process group, alive after train() returns; left to interpreter shutdown, gloo's
+        # threads are torn down out of order and the process can abort (SIGABRT) after a clean run.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -14,6 +14,7 @@ step_3 still loads. `reshard` (world size 4): load step_3 and check it; train; s
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -91,6 +92,14 @@ def expect_failed_save(manager: CheckpointManager, failing_rank: int, **state) -
 
 def main(mode: str, ckpt_dir: Path, ref_dir: Path) -> None:
     dist.init_process_group("gloo")
+    try:
+        run(mode, ckpt_dir, ref_dir)
+    finally:
+        gc.collect()  # free the FSDP2 models (kept by reference cycles) while the group is alive; see examples/fsdp_custom_loop.py
+        dist.destroy_process_group()
+
+
+def run(mode: str, ckpt_dir: Path, ref_dir: Path) -> None:
     torch.manual_seed(0)
     config = CheckpointConfig(checkpoint_dir=str(ckpt_dir), max_shard_size=MAX_SHARD_SIZE, save_consolidated=mode == "save")
     manager = CheckpointManager(config)
@@ -116,7 +125,6 @@ def main(mode: str, ckpt_dir: Path, ref_dir: Path) -> None:
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     print(f"rank {dist.get_rank()}: {mode} OK", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
