@@ -78,10 +78,10 @@ def print_table(ckpt_dir: Path) -> None:
     manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(ckpt_dir)))
     print(f"  {'checkpoint':<10} {'eval_loss':>9} {'top-k':>5} {'size':>8}")
     for row in manager.checkpoints():
-        loss = row["metrics"].get("eval_loss")
+        loss = row.metrics.get("eval_loss")
         print(
-            f"  {row['name']:<10} {'-' if loss is None else format(loss, '.4f'):>9} "
-            f"{row.get('top_k_rank') or '-':>5} {row['size_bytes'] / 1e6:>6.1f}MB"
+            f"  {row.name:<10} {'-' if loss is None else format(loss, '.4f'):>9} "
+            f"{row.top_k_rank or '-':>5} {row.size_bytes / 1e6:>6.1f}MB"
         )
 
 

@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     trainer.train()  # resumes from the newest checkpoint in OUTPUT_DIR/ckpt, if there is one
 
-    for row in callback.manager.checkpoints():  # the registry rows that `hf-rl-ckpt list OUTPUT_DIR/ckpt` prints
-        print(f"{row['name']}: reward {row['metrics'].get('reward', float('nan')):.3f}, top-k rank {row['top_k_rank'] or '-'}")
+    for row in callback.manager.checkpoints():  # the index rows that `hf-rl-ckpt list OUTPUT_DIR/ckpt` prints
+        print(f"{row.name}: reward {row.metrics.get('reward', float('nan')):.3f}, top-k rank {row.top_k_rank or '-'}")
     best = callback.manager.best()
     print(f"highest-reward checkpoint: {best}; serve it with `vllm serve {best / 'model' / 'consolidated'}`")
 

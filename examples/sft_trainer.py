@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     trainer.train()  # resumes from the newest checkpoint in OUTPUT_DIR/ckpt, if there is one
 
-    for row in callback.manager.checkpoints():  # the registry rows that `hf-rl-ckpt list OUTPUT_DIR/ckpt` prints
-        print(f"{row['name']}: eval_loss {row['metrics'].get('eval_loss', float('nan')):.4f}, top-k rank {row['top_k_rank'] or '-'}")
+    for row in callback.manager.checkpoints():  # the index rows that `hf-rl-ckpt list OUTPUT_DIR/ckpt` prints
+        print(f"{row.name}: eval_loss {row.metrics.get('eval_loss', float('nan')):.4f}, top-k rank {row.top_k_rank or '-'}")
     # The best checkpoint's model/consolidated/ folder is a plain HF model folder (weights, config, tokenizer):
     # AutoModelForCausalLM.from_pretrained(...) and `vllm serve ...` load it as is.
     best = callback.manager.best()

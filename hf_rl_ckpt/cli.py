@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 
 from .config import check_repo_id
 from .errors import CheckpointError, CorruptCheckpointError
-from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, TRAINING_INFO, CheckpointLayout
+from .layout import TRAINING_INFO, CheckpointLayout
+from .records import Contents
 from .registry import Registry
 from .state.safetensors_io import check_safetensors_header
 from .verify import read_training_info, verify_checkpoint
@@ -59,7 +60,7 @@ def _format_metrics(metrics: dict[str, Any], first: str | None = None, limit: in
 def list_rows(directory: Path, checksums: bool = False) -> list[dict[str, Any]]:
     """One row per committed checkpoint: the registry's record plus a verification status."""
     layout = CheckpointLayout.of_run(directory)
-    records = {row["step"]: row for row in Registry(layout).records()}
+    records = {record.step: record.to_json() for record in Registry(layout).records()}
     rows = []
     for step, path in layout.committed_steps().items():
         row = dict(records.get(step) or {"step": step, "name": path.name, "metrics": {}})
@@ -154,7 +155,8 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
     except CorruptCheckpointError as err:
         status = f"CORRUPT: {err.path}: {err.reason}"
     dtypes: dict[str, int] = {}
-    weights = [rel for rel in info["manifest"] if rel.startswith((CONSOLIDATED_DIR + "/", ADAPTER_DIR + "/")) and rel.endswith(".safetensors")]
+    folder = Contents.of(path, info).deployable_dir
+    weights = [rel for rel in info["manifest"] if folder and rel.startswith(folder + "/") and rel.endswith(".safetensors")]
     for rel in weights:
         if status.startswith("complete"):
             for entry in check_safetensors_header(path / rel).values():

@@ -22,7 +22,8 @@ from huggingface_hub.utils import tqdm
 from .atomic import fsync_dir, fsync_tree
 from .config import parse_size
 from .errors import CheckpointError
-from .layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, deployable_dir
+from .layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR
+from .records import Contents
 from .state.model import save_consolidated
 from .state.peft import load_merged_model
 from .verify import verify_checkpoint
@@ -78,7 +79,7 @@ def _copy_with_progress(source: Path, target: Path) -> None:
 
 
 def _model_folder(checkpoint: Path) -> Path:
-    if (folder := deployable_dir(checkpoint)) is not None:
+    if (folder := Contents.of(checkpoint).deployable_dir) is not None:
         return checkpoint / folder
     raise CheckpointError(f"{checkpoint} holds no model folder ({CONSOLIDATED_DIR}/ or {ADAPTER_DIR}/); it was saved without weights")
 
@@ -87,7 +88,7 @@ def _write_merged(checkpoint: Path, out: Path, base: str | None) -> None:
     from transformers import AutoTokenizer
 
     adapter = checkpoint / ADAPTER_DIR
-    if not adapter.is_dir():
+    if Contents.of(checkpoint).deployable_dir != ADAPTER_DIR:
         raise CheckpointError(
             f"{checkpoint} holds no adapter ({ADAPTER_DIR}/), so there is no LoRA to merge; "
             f"export it without --merge-lora to copy its {CONSOLIDATED_DIR}/ folder"

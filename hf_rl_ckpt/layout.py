@@ -87,15 +87,6 @@ def commit_order(step: int, record: Mapping[str, Any]) -> tuple[int, str, int]:
     )
 
 
-def deployable_dir(ckpt_dir: str | os.PathLike) -> str | None:
-    """The model folder a checkpoint serves from: `model/adapter` (PEFT), else `model/consolidated`.
-
-    None when it has neither (a sharded model saved with `save_consolidated: false`). A
-    checkpoint holds one or the other, never both.
-    """
-    return next((rel for rel in (ADAPTER_DIR, CONSOLIDATED_DIR) if (Path(ckpt_dir) / rel).is_dir()), None)
-
-
 def dataloader_file(rank: int) -> str:
     return f"dataloader/rank_{rank}.json"
 

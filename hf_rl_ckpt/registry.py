@@ -18,6 +18,7 @@ from typing import Any
 from .atomic import atomic_write_json
 from .errors import CorruptCheckpointError
 from .layout import COMMIT_SEQ, FORMAT_VERSION, TRAINING_INFO, CheckpointLayout, commit_order
+from .records import CheckpointRecord, TrainingInfo, policy_from_json
 from .retention import RetentionPolicy
 
 logger = logging.getLogger(__name__)
@@ -57,12 +58,23 @@ class Registry:
     def write(self, data: dict[str, Any]) -> None:
         data["format_version"] = FORMAT_VERSION
         data["name_template"] = self.layout.name_template  # what `CheckpointLayout.of_run` (the CLI) names checkpoints by
-        data["checkpoints"] = in_commit_order(data["checkpoints"])
+        data["checkpoints"] = sorted(data["checkpoints"], key=lambda row: commit_order(row["step"], row))
         atomic_write_json(self.layout.registry_path, data)
 
-    def records(self) -> list[dict[str, Any]]:
-        """Registry rows of committed checkpoints in commit order: oldest first, the newest (most recent commit) last."""
-        return in_commit_order(self.read()["checkpoints"])
+    def records(self) -> list[CheckpointRecord]:
+        """The committed checkpoints it indexes, in commit order: oldest first, the newest (most recent commit) last."""
+        data = self.read()
+        return in_commit_order([CheckpointRecord.from_json(row, policy_from_json(data)) for row in _rows(data)])
+
+    def write_records(self, records: list[CheckpointRecord], policy: RetentionPolicy, *, history: tuple[int, dict[str, Any]] | None = None) -> None:
+        """Replace the index with `records`, retained under `policy`; `history` appends a (step, metrics) point for `plot`."""
+        with self.lock:
+            data = self.read()
+            data["checkpoints"] = [record.to_json() for record in records]
+            if history is not None:
+                data.setdefault("history", []).append({"step": history[0], "metrics": history[1]})
+            data.update(metric_name=policy.metric_name, higher_is_better=policy.higher_is_better, keep_top_k=policy.keep_top_k)
+            self.write(data)
 
     def next_commit_seq(self) -> int:
         """The `commit_seq` of the next commit: above every commit of the run, as the checkpoints and this index know them.
@@ -71,7 +83,7 @@ class Registry:
         unreadable, and the next commit must still come after that one, or retention takes the
         damaged checkpoint for the newest and evicts the save just made.
         """
-        indexed = (commit_order(row["step"], row)[0] for row in self.read()["checkpoints"])
+        indexed = (record.order[0] for record in self.records())
         return max(self.layout.next_commit_seq(), 1 + max(indexed, default=0))
 
     def reconcile(self) -> dict[str, Any]:
@@ -86,7 +98,7 @@ class Registry:
     def _reconcile(self) -> dict[str, Any]:
         data = self.read()
         committed = self.layout.committed_infos()
-        rows = {row["step"]: row for row in data["checkpoints"] if isinstance(row, dict) and isinstance(row.get("step"), int)}
+        rows = {row["step"]: row for row in _rows(data)}
         changed = len(rows) != len(data["checkpoints"])
         for step in list(rows):
             if step not in committed:
@@ -96,7 +108,9 @@ class Registry:
         for step, info in committed.items():
             # A row of another commit of this step (a crash between a re-save's rename and its indexing) is re-derived too.
             if step not in rows or (info is not None and rows[step].get(COMMIT_SEQ) != info.get(COMMIT_SEQ)):
-                rows[step] = record_from_training_info(step, self.layout.step_name(step), info or {})
+                name = self.layout.step_name(step)
+                record = CheckpointRecord.from_training_info(name, TrainingInfo.from_json(info)) if info else CheckpointRecord(step, name)
+                rows[step] = record.to_json()
                 logger.info("registry: indexing committed checkpoint %s from its %s", self.layout.step_name(step), TRAINING_INFO)
                 changed = True
         data["checkpoints"] = list(rows.values())
@@ -105,33 +119,11 @@ class Registry:
         return data
 
 
-def in_commit_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Registry rows sorted by `layout.commit_order`: oldest commit first, the newest last."""
-    return sorted(rows, key=lambda row: commit_order(row["step"], row))
+def in_commit_order(records: list[CheckpointRecord]) -> list[CheckpointRecord]:
+    """Records sorted by `layout.commit_order`: oldest commit first, the newest last."""
+    return sorted(records, key=lambda record: record.order)
 
 
-def record_from_training_info(step: int, name: str, info: dict[str, Any]) -> dict[str, Any]:
-    """The registry row of one checkpoint, derived from its training_info.json."""
-    return {
-        "step": step,
-        "name": name,
-        "epoch": info.get("epoch"),
-        "metrics": info.get("metrics") or {},
-        "created_at": info.get("created_at"),
-        COMMIT_SEQ: info.get(COMMIT_SEQ),
-        "retention": info.get("retention"),
-        "size_bytes": sum(entry.get("size", 0) for entry in (info.get("manifest") or {}).values()),
-    }
-
-
-def retention_saved_under(row: dict[str, Any], data: dict[str, Any]) -> RetentionPolicy | None:
-    """The retention settings a checkpoint was committed under, None when not recorded.
-
-    Rows written before each checkpoint recorded its own settings take those the registry
-    recorded at the run's last commit (every one of them was retained under those).
-    """
-    recorded = row.get("retention") if isinstance(row.get("retention"), dict) else data
-    try:
-        return RetentionPolicy(recorded["keep_top_k"], recorded["metric_name"], recorded["higher_is_better"])
-    except KeyError:
-        return None
+def _rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The well-formed rows of a registry (a row without an integer step is dropped; `reconcile` re-derives it)."""
+    return [row for row in data["checkpoints"] if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row.get("step"), bool)]

@@ -128,7 +128,7 @@ def test_twenty_async_saves_reuse_the_staging_buffer(tmp_path, make_objects):
     assert len(set(sizes)) == 1 and sizes[0] >= state_bytes * 0.95, (sizes[0], state_bytes)
     growth = rss[20] - rss[2]
     assert growth < state_bytes, f"RSS grew by {growth / 1e6:.1f} MB over 18 saves of {state_bytes / 1e6:.1f} MB state"
-    assert [row["step"] for row in manager.checkpoints()] == [20]
+    assert [row.step for row in manager.checkpoints()] == [20]
     assert not any((tmp_path / ".incomplete").iterdir())
 
 
@@ -150,14 +150,14 @@ def test_background_failure_surfaces_at_the_next_save_and_at_finalize(tmp_path, 
     with pytest.raises(CheckpointSaveError, match=r"step 2 failed \(OSError.*No space left.*step_1"):
         manager.save(3, **objs.as_kwargs())
     assert not path.exists() and not any((tmp_path / ".incomplete").iterdir())
-    assert [row["step"] for row in manager.checkpoints()] == [1]
+    assert [row.step for row in manager.checkpoints()] == [1]
     manager.save(3, **objs.as_kwargs())  # the failed step 3 call saved nothing; this one fails in the background too
     with pytest.raises(CheckpointSaveError, match="step 3 failed"):
         manager.finalize()
     monkeypatch.setattr(manager_module, "write_optimizer_tensors", real)
     manager.save(4, **objs.as_kwargs())
     manager.finalize()
-    assert [row["step"] for row in manager.checkpoints()] == [1, 4]
+    assert [row.step for row in manager.checkpoints()] == [1, 4]
 
 
 def test_optimizer_state_copied_in_the_background_is_the_state_as_of_save(tmp_path, make_objects, monkeypatch):

@@ -46,7 +46,7 @@ def test_a_format_1_checkpoint_resumes_exactly(tmp_path: Path, kind: str) -> Non
     state = manager.resume(model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader)
 
     assert state is not None and state.step == 2 and state.extra == {"kind": kind}
-    assert [row["step"] for row in manager.checkpoints()] == [1, 2]
+    assert [row.step for row in manager.checkpoints()] == [1, 2]
     with safe_open(str(FIXTURES / f"{kind}_expected.safetensors"), "pt") as expected:
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         for name, param in trainable:

@@ -214,7 +214,7 @@ def test_hostile_registry_entries_touch_nothing_outside(run, make_objects):
     (root / "step_9").symlink_to(outside, target_is_directory=True)  # a symlinked "checkpoint" pointing out
     before = snapshot(outside)
     manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(root)))
-    assert [row["step"] for row in manager.checkpoints()] == [1, 2]
+    assert [row.step for row in manager.checkpoints()] == [1, 2]
     assert manager.resume(**make_objects(seed=9).as_kwargs()).step == 2
     assert cli_main(["list", str(root)]) == 0
     assert snapshot(outside) == before

@@ -167,7 +167,7 @@ def test_failed_save_commits_nothing(tmp_path, make_objects):
 
     with pytest.raises(CheckpointSaveError, match=r"saving step 2 failed \(rank 0: OSError: disk went away\).*step_1 is intact"):
         manager.save(2, model=objs.model, optimizer=objs.optimizer, dataloader=ExplodingLoader())
-    assert [row["step"] for row in manager.checkpoints()] == [1]
+    assert [row.step for row in manager.checkpoints()] == [1]
     assert not any((tmp_path / ".incomplete").iterdir())
     assert CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path))).resume(**make_objects().as_kwargs()).step == 1
 
@@ -177,7 +177,7 @@ def test_resave_of_same_step_replaces_it(tmp_path, make_objects):
     manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path)))
     manager.save(5, **objs.as_kwargs(), metrics={"v": 1})
     manager.save(5, **objs.as_kwargs(), metrics={"v": 2})
-    assert [(r["step"], r["metrics"]) for r in manager.checkpoints()] == [(5, {"v": 2})]
+    assert [(r.step, r.metrics) for r in manager.checkpoints()] == [(5, {"v": 2})]
     assert not any((tmp_path / ".trash").iterdir())
 
 

@@ -596,7 +596,7 @@ class CheckpointRun(RuleBasedStateMachine):
         newest = self._newest()
         expected_latest = self.layout.step_name(newest) if newest is not None else None
         live_latest = self.manager.latest()
-        live_rows = sorted(row["step"] for row in self.manager.checkpoints())
+        live_rows = sorted(row.step for row in self.manager.checkpoints())
         cli_rows = sorted(row["step"] for row in list_rows(self.root))
         # A fresh process starts on a copy (hard links; a start may rewrite the registry and clean up): starting one on
         # the run's directory would repair what the running process left wrong before the next rule could trip on it.

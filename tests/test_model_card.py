@@ -18,7 +18,12 @@ POLICY = RetentionPolicy(keep_top_k=2, metric_name="val:reward")
 
 
 def fake_checkpoint(root: Path, *, name_or_path: str = "meta-llama/Llama-3.2-1B", adapter_base: str | None = None) -> Path:
-    """The files a card reads: the model folder's config and the checkpoint's config.yaml (with secrets in it)."""
+    """The files a card reads: the model folder's config, the checkpoint's config.yaml (with secrets in it) and
+    the `contents` its training_info.json records."""
+    weights = "consolidated" if adapter_base is None else "adapter"
+    contents = {"weights": weights, "consolidated": adapter_base is None, "optimizer": None, "scheduler": False, "dataloader": False}
+    root.mkdir(parents=True)
+    (root / "training_info.json").write_text(json.dumps({"format_version": 1, "step": 0, "contents": contents, "manifest": {}}))
     if adapter_base is None:
         folder = root / "model" / "consolidated"
         folder.mkdir(parents=True)

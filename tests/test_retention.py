@@ -65,7 +65,7 @@ def test_manager_applies_topk_over_a_run(tmp_path, make_objects, caplog):
     for step, value in sequence:
         manager.save(step, model=objs.model, metrics={} if value is None else {"val_reward": value})
     assert "metric 'val_reward' is not among this save's metrics" in caplog.text
-    rows = {row["step"]: row["top_k_rank"] for row in manager.checkpoints()}
+    rows = {row.step: row.top_k_rank for row in manager.checkpoints()}
     assert rows == {6: 1, 3: 2}
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_3", "step_6"]
     assert manager.best().name == "step_6"

@@ -29,7 +29,7 @@ def test_a_checkpoint_deleted_by_hand_mid_run_does_not_stop_retention(tmp_path, 
     for step in (3, 4):
         manager.save(step, **objects.as_kwargs())
     assert sorted(manager.layout.committed_steps()) == [3, 4], "retention stopped evicting after the hand deletion"
-    assert [row["step"] for row in manager.checkpoints()] == [3, 4], "the index still lists what is gone, or misses new saves"
+    assert [row.step for row in manager.checkpoints()] == [3, 4], "the index still lists what is gone, or misses new saves"
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
 
 
@@ -44,7 +44,7 @@ def test_an_index_rebuilt_at_start_keeps_the_name_template(tmp_path, make_object
     manager.finalize()
     (tmp_path / "checkpoints.json").rename(tmp_path / "checkpoints.json.bad")
     restarted = CheckpointManager(config)
-    assert [row["step"] for row in restarted.checkpoints()] == [1, 2]
+    assert [row.step for row in restarted.checkpoints()] == [1, 2]
     assert [row["step"] for row in list_rows(tmp_path)] == [1, 2], "`hf-rl-ckpt list` reads the rebuilt index with the default template"
     restarted.finalize()
 
@@ -80,7 +80,7 @@ def test_the_save_after_the_newest_checkpoint_was_garbled_is_not_evicted(tmp_pat
     saved = manager.save(4, **objects.as_kwargs())
     assert (saved / "training_info.json").is_file(), "the save just made was evicted"
     assert manager.latest() == saved
-    assert [row["step"] for row in manager.checkpoints()][-1] == 4, "the index does not order the save just made last"
+    assert [row.step for row in manager.checkpoints()][-1] == 4, "the index does not order the save just made last"
 
 
 def test_queries_do_not_return_a_checkpoint_deleted_by_hand(tmp_path, make_objects):
@@ -92,4 +92,4 @@ def test_queries_do_not_return_a_checkpoint_deleted_by_hand(tmp_path, make_objec
     manager.save(2, **objects.as_kwargs(), metrics={"reward": 1.0})
     shutil.rmtree(tmp_path / "step_1")
     assert manager.best() == tmp_path / "step_2"
-    assert [row["step"] for row in manager.checkpoints()] == [2]
+    assert [row.step for row in manager.checkpoints()] == [2]

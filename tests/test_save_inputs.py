@@ -88,7 +88,7 @@ def test_a_save_failing_after_the_weights_were_written_leaves_no_staging(tmp_pat
         manager.save(2, **objs.as_kwargs(), extra_files={"../escape.txt": b"x"})
         manager.finalize()  # an async save reports its background failure here
     assert _nothing_written(tmp_path, "step_2")
-    assert [row["step"] for row in manager.checkpoints()] == [1]
+    assert [row.step for row in manager.checkpoints()] == [1]
 
 
 def test_nemo_rl_finalize_that_fails_leaves_no_staging(tmp_path):

@@ -32,7 +32,7 @@ def test_zero_padded_name_template_is_seen_by_latest_resume_list_and_a_restart(t
     manager.finalize()
 
     restarted = CheckpointManager(config)  # its start re-indexes the registry from the directories
-    assert [row["step"] for row in restarted.checkpoints()] == [1, 2], "the restart dropped the registry rows"
+    assert [row.step for row in restarted.checkpoints()] == [1, 2], "the restart dropped the registry rows"
     assert restarted.resume(**make_objects(seed=3).as_kwargs()).step == 2
     restarted.finalize()
 
@@ -62,7 +62,7 @@ def test_rollback_keeps_the_new_timeline_and_auto_resume_follows_it(tmp_path, ma
 
     after_crash = CheckpointManager(CheckpointConfig(**config))
     assert after_crash.resume(**make_objects(seed=4).as_kwargs()).step == 25
-    assert [row["step"] for row in after_crash.checkpoints()] == [20, 25]
+    assert [row.step for row in after_crash.checkpoints()] == [20, 25]
 
 
 def test_auto_resume_follows_the_most_recent_commit_over_a_higher_step(tmp_path, make_objects):

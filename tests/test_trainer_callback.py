@@ -76,10 +76,10 @@ def test_keeps_top_k_by_eval_loss_plus_newest(causal):
     evals = {e["step"]: e["eval_loss"] for e in causal.resumed["log_history"] if "eval_loss" in e}
     rows = CheckpointManager(CheckpointConfig(checkpoint_dir=str(causal.work / "ckpt"))).checkpoints()
     expected = RetentionPolicy(2, "eval_loss", higher_is_better=False).retained({**{s: None for s in (2, 4, 8)}, **evals})
-    assert {row["step"] for row in rows} == expected
+    assert {row.step for row in rows} == expected
     for row in rows:
-        if row["step"] in evals:
-            assert row["metrics"]["eval_loss"] == evals[row["step"]]
+        if row.step in evals:
+            assert row.metrics["eval_loss"] == evals[row.step]
 
 
 def test_checkpoint_loads_with_from_pretrained_bit_exact(causal):

@@ -52,6 +52,6 @@ def test_grpo_trainer_resumes_and_keeps_top_k_by_reward(trl_runs):
     # The resumed process continued the stopped one's history rather than starting over.
     assert resumed["log_history"][:2] == stopped["log_history"][:2]
     rows = CheckpointManager(CheckpointConfig(checkpoint_dir=str(trl_runs.work / "grpo_ckpt"))).checkpoints()
-    assert {row["step"] for row in rows} == RetentionPolicy(2, "reward").retained(rewards)
-    assert all(row["metrics"]["reward"] == rewards[row["step"]] for row in rows)
+    assert {row.step for row in rows} == RetentionPolicy(2, "reward").retained(rewards)
+    assert all(row.metrics["reward"] == rewards[row.step] for row in rows)
     assert len(set(rewards.values())) > 1  # the ranking was not decided by ties alone

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional
 
@@ -44,6 +45,7 @@ import torch
 import yaml
 
 from ..atomic import atomic_write_bytes
+from ..commit import CommitRequest, checked_step
 from ..config import STEP_METRIC, CheckpointConfig
 from ..errors import CheckpointError
 from ..layout import CONFIG_YAML
@@ -99,7 +101,7 @@ class CheckpointManager:
 
     def init_tmp_checkpoint(self, step: int, training_info: Mapping[str, Any], run_config: Any = None) -> Path:
         """A fresh staging directory for `step` (absolute path); the loop writes its files there, then `finalize_checkpoint`."""
-        staging = self._manager.stage(step)
+        staging = self._manager.committer.staging_dir(checked_step(step))
         if run_config is not None:
             document = run_config.model_dump(mode="json") if hasattr(run_config, "model_dump") else dict(run_config)
             atomic_write_bytes(staging / CONFIG_YAML, yaml.safe_dump(document, sort_keys=False).encode())
@@ -112,7 +114,12 @@ class CheckpointManager:
         if key not in self._staged:
             raise CheckpointError(f"{checkpoint_path} was not returned by init_tmp_checkpoint of this manager")
         step, info = self._staged.pop(key)
-        self._manager.commit_staged(step, metrics=info, extra_state={TRAINING_INFO_KEY: info})
+        try:
+            request = CommitRequest.checked(step, info, None, {TRAINING_INFO_KEY: info}, self.config.metric_name)
+        except CheckpointError:
+            shutil.rmtree(key, ignore_errors=True)  # refused records: nothing staged stays behind
+            raise
+        self._manager.committer.commit_staged(request.step, request)
 
     def begin_finalization(self, checkpoint_path: PathLike, wait_fn: Optional[Callable[[], None]] = None) -> None:
         """Wait for the loop's async writers (`wait_fn`), then finalize; synchronous here."""

@@ -53,7 +53,10 @@ from tqdm.auto import tqdm
 from ..atomic import sha256_file
 from ..config import CheckpointConfig, check_repo_id
 from ..errors import CheckpointError, CorruptCheckpointError
-from ..layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, MODEL_CARD, TRAINING_INFO, deployable_dir, safe_join
+from ..events import CheckpointCommitted, CheckpointEvicted, Subscriber
+from ..faultpoint import faultpoint
+from ..layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, MODEL_CARD, TRAINING_INFO, safe_join
+from ..records import Contents
 from ..registry import Registry
 from ..retention import RetentionPolicy
 from ..verify import read_training_info, verify_checkpoint
@@ -149,7 +152,7 @@ def checkpoint_files(ckpt_dir: str | Path, *, include_training_state: bool = Fal
     """
     ckpt_dir = Path(ckpt_dir)
     manifest: Mapping[str, Mapping[str, Any]] = read_training_info(ckpt_dir)["manifest"]
-    folder = deployable_dir(ckpt_dir)
+    folder = Contents.of(ckpt_dir).deployable_dir
     if folder is None:
         raise CheckpointError(
             f"{ckpt_dir} has no {CONSOLIDATED_DIR}/ or {ADAPTER_DIR}/ to serve from the Hub "
@@ -589,3 +592,28 @@ class HubPublisher:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class HubPublishing(Subscriber):
+    """The after-commit subscriber that mirrors the run's retained checkpoints on the Hub (see `HubPublisher`).
+
+    Each event only records what is pending (local bookkeeping); the uploads run on the
+    publisher's thread. Created at start, it first resumes what an earlier process left pending.
+    """
+
+    def __init__(self, config: CheckpointConfig, registry: Registry) -> None:
+        self.publisher = HubPublisher(config, registry)
+        self.publisher.enqueue()
+
+    def on_committed(self, event: CheckpointCommitted) -> None:
+        faultpoint("commit.before_hub_enqueue")
+        self.publisher.enqueue()
+
+    def on_evicted(self, event: CheckpointEvicted) -> None:
+        self.publisher.enqueue()  # its branch goes (or stays, per hub_delete_evicted) at the next pass
+
+    def drain(self) -> None:
+        self.publisher.drain()
+
+    def close(self) -> None:
+        self.publisher.stop()

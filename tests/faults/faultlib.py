@@ -104,7 +104,7 @@ def check_after_fault(ckpt: Path, ever_reported: set[int], config: dict | None =
         present = sorted(manager.layout.committed_steps())
         rows = list_rows(ckpt, checksums=True)
         assert all(row["status"] == "verified" for row in rows), [row["status"] for row in rows if row["status"] != "verified"]
-        assert [row["step"] for row in manager.checkpoints()] == present, "registry and directories disagree"
+        assert [row.step for row in manager.checkpoints()] == present, "registry and directories disagree"
         if ever_reported:
             assert present and max(present) >= max(ever_reported), f"newest {present} older than reported {max(ever_reported)}"
         policy = RetentionPolicy(CONFIG["keep_top_k"], CONFIG["metric_name"])

@@ -45,7 +45,7 @@ def test_disk_full_fails_cleanly_at_every_depth_of_a_save(small_fs, make_objects
     objs.train_step(next(batches))
     manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(ckpt)))
     first = manager.save(1, **objs.as_kwargs())
-    size = manager.checkpoints()[0]["size_bytes"]
+    size = manager.checkpoints()[0].size_bytes
 
     for fraction in FRACTIONS_FREE:
         objs.train_step(next(batches))
@@ -55,7 +55,7 @@ def test_disk_full_fails_cleanly_at_every_depth_of_a_save(small_fs, make_objects
             manager.save(2, **objs.as_kwargs())
         assert _same(before, _snapshot(objs)), "a failed save must not touch the training state in memory"
         assert not any((ckpt / ".incomplete").iterdir()), f"{fraction:.0%} free: staging left behind"
-        assert [row["step"] for row in manager.checkpoints()] == [1]
+        assert [row.step for row in manager.checkpoints()] == [1]
         verify_checkpoint(first)
 
     ballast.unlink()

@@ -1,0 +1,278 @@
+"""Loading a checkpoint: verify first, then restore what it holds into the objects handed in.
+
+`CheckpointLoader.load` verifies the manifest (sizes always, sha256 with
+`verify_on_resume`) on rank 0 before anything is modified, then loads the weights from the
+folder the checkpoint's `contents` names for this kind of model, and the training state
+(optimizer, scheduler, data position, RNG). `resume` picks the checkpoint: the newest
+commit (`auto`, falling back past damaged ones), or `resume_path` (`from_path`, also
+another framework's folder, converted on the fly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from . import distributed
+from .async_save import AsyncCheckpointWriter
+from .config import CheckpointConfig
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
+from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, TRAINING_INFO, CheckpointLayout, dataloader_file, rng_file
+from .plan import ModelKind, classify_model
+from .records import Contents, TrainingInfo, WeightsFormat
+from .state.dataloader import load_dataloader
+from .state.model import load_consolidated
+from .state.optim import check_optimizer_fits, load_optimizer
+from .state.peft import load_adapter
+from .state.rng import load_rng
+from .state.safetensors_io import tensors_from_buffer
+from .state.scheduler import load_scheduler
+from .state.sharded import load_sharded
+from .verify import available_memory, read_training_info, read_verified, verify_checkpoint
+
+logger = logging.getLogger("hf_rl_ckpt")
+
+Preloaded = dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass
+class ResumeState:
+    """What a resume restored, for the training loop to continue from.
+
+    Attributes:
+        step: the step the checkpoint was saved at.
+        epoch: the epoch recorded at save time, if any.
+        metrics: the metrics recorded at save time.
+        path: the checkpoint directory loaded.
+        extra: the JSON `extra_state` passed to `save`.
+        weights_only: True when only model weights were loaded (`resume.load_weight_only`).
+    """
+
+    step: int
+    path: Path
+    epoch: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    weights_only: bool = False
+
+
+def weights_dir(path: Path, contents: Contents, kind: ModelKind) -> str:
+    """The folder of checkpoint `path` that a model of `kind` loads from; refused when it holds another kind of model.
+
+    A sharded model reads per-rank slices (DCP reads the slices this rank needs, whatever
+    world size wrote them); so does a plain model when the checkpoint has no consolidated folder.
+    """
+    if kind.peft:
+        wanted = ADAPTER_DIR if contents.weights is WeightsFormat.ADAPTER else None
+    elif contents.weights is WeightsFormat.SHARDED and (kind.sharded or not contents.consolidated):
+        wanted = SHARDED_DIR
+    else:
+        wanted = CONSOLIDATED_DIR if contents.consolidated else None
+    if wanted is not None:
+        return wanted
+    expected = ADAPTER_DIR if kind.peft else CONSOLIDATED_DIR
+    held = contents.deployable_dir
+    model_kind = "a PeftModel" if kind.peft else "a plain (non-PEFT) model"
+    raise StateMismatchError(
+        f"{path} has no {expected}/ to load into {model_kind}"
+        + (f"; it holds {held}/ (saved from a {'PEFT' if held == ADAPTER_DIR else 'non-PEFT'} model). "
+           "Build the same kind of model as the run that saved it, or `hf-rl-ckpt export --merge-lora` "
+           "an adapter into a plain model" if held else "")
+    )
+
+
+class CheckpointLoader:
+    """Reads the checkpoints of one run directory (and any checkpoint directory) into training objects."""
+
+    def __init__(self, config: CheckpointConfig, layout: CheckpointLayout, background: AsyncCheckpointWriter) -> None:
+        self.config, self.layout, self.background = config, layout, background
+
+    # ------------------------------------------------------------- choose
+    def resume(self, objects: dict[str, Any], mode: str) -> ResumeState | None:
+        """See `CheckpointManager.resume`."""
+        if mode == "from_path":
+            return self._load_from_path(Path(self.config.resume.resume_path or ""), objects)
+        candidates = list(reversed(self.layout.committed_steps().items()))
+        if not candidates:
+            logger.info("resume.mode=auto: no checkpoint in %s, starting fresh", self.layout.root)
+            return None
+        failures = []
+        for _step, path in candidates:
+            try:
+                return self.load(path, **objects)
+            except CorruptCheckpointError as err:
+                if self.config.resume.on_corrupt == "error":
+                    raise
+                failures.append(f"{path.name}: {err}")
+                logger.warning("checkpoint %s is unusable (%s); falling back to the previous complete checkpoint", path, err)
+        raise CorruptCheckpointError(self.layout.root, "no loadable checkpoint: " + " | ".join(failures))
+
+    def _load_from_path(self, path: Path, objects: dict[str, Any]) -> ResumeState:
+        """`resume.mode: from_path`: our checkpoint, or another framework's folder converted on the fly.
+
+        `hf_rl_ckpt.convert` recognises HF Trainer, Accelerate and NeMo-RL folders; rank 0
+        converts such a folder under `.incomplete/` (no collectives), every rank loads it, and
+        the copy is deleted (a crash mid-way leaves only `.incomplete/` content, which the
+        next start removes). Their pickled files are read only with `resume.trust_pickle`.
+        """
+        from .convert import convert_checkpoint, detect_format  # the converters build on the writer, which is heavier to import
+
+        if detect_format(path) is None:
+            if not (path / TRAINING_INFO).is_file():
+                raise CheckpointNotFoundError(
+                    f"resume.resume_path {path} is neither a committed checkpoint (no {TRAINING_INFO}) nor a folder "
+                    f"`hf-rl-ckpt convert` recognises; pick one of `hf-rl-ckpt list {self.layout.root}` or set resume.mode: auto"
+                )
+            return self.load(path, **objects)
+        converted = self.layout.incomplete_root / f"converted-{path.name}"
+        error = None
+        if distributed.rank() == 0:
+            try:
+                convert_checkpoint(
+                    path, converted, trust_pickle=self.config.resume.trust_pickle, weights_only=self.config.resume.load_weight_only
+                )
+            except CheckpointError as err:
+                error = err
+        failure = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+        if failure is not None:
+            raise error if error is not None else CheckpointError(failure)
+        try:
+            return dataclasses.replace(self.load(converted, **objects), path=path)
+        finally:
+            distributed.barrier()
+            if distributed.rank() == 0:
+                shutil.rmtree(converted, ignore_errors=True)
+
+    # ------------------------------------------------------------- load
+    def load(
+        self, path: str | os.PathLike, *, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None, dataloader: Any = None,
+        weights_only: bool | None = None,
+    ) -> ResumeState:
+        """See `CheckpointManager.load`."""
+        path = Path(path)
+        started = time.perf_counter()
+        self.background.join()  # an async save in flight finishes first (its failure is still raised by the next save)
+        weights_only = self.config.resume.load_weight_only if weights_only is None else weights_only
+        kind = classify_model(model)
+        preloaded: Preloaded = {}
+        info, contents = self._verified_info(path, kind=kind, load_optimizer=optimizer is not None and not weights_only, preloaded=preloaded)
+        folder = weights_dir(path, contents, kind)
+        if optimizer is not None and not weights_only:  # before the weights load: a misfit leaves the model as it was
+            check_optimizer_fits(kind.module, optimizer, optimizer_dir(path, contents))
+        if folder == ADAPTER_DIR:
+            load_adapter(kind.module, path / ADAPTER_DIR)
+        elif folder == SHARDED_DIR or kind.sharded:
+            load_sharded(kind.module, path / folder)
+        else:
+            load_consolidated(model, path / CONSOLIDATED_DIR, trust_pickle=self.config.resume.trust_pickle, preloaded=preloaded)
+        state = ResumeState(step=info.step, path=path, epoch=info.epoch, metrics=info.metrics, extra=info.extra, weights_only=weights_only)
+        if not weights_only:
+            self.load_optimizer_state(path, model=model, optimizer=optimizer, scheduler=scheduler, preloaded=preloaded, contents=contents)
+            self._load_data_position(path, info, dataloader)
+            self.load_rng_state(path)
+        logger.info("resumed from %s (step %d%s) in %.2fs", path, state.step, ", weights only" if weights_only else "", time.perf_counter() - started)
+        self._warn_if_later_steps(state.step)
+        return state
+
+    def load_optimizer_state(
+        self, path: str | os.PathLike, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
+        preloaded: Mapping[str, Mapping[str, torch.Tensor]] | None = None, contents: Contents | None = None,
+    ) -> None:
+        """See `CheckpointManager.load_optimizer_state`."""
+        path = Path(path)
+        if optimizer is not None:
+            load_optimizer(classify_model(model).module, optimizer, optimizer_dir(path, contents or Contents.of(path)), preloaded=preloaded)
+        if scheduler is not None:
+            load_scheduler(scheduler, path / SCHEDULER_JSON)
+
+    def load_rng_state(self, path: str | os.PathLike) -> None:
+        """See `CheckpointManager.load_rng_state`."""
+        rank = distributed.rank()
+        file = Path(path) / rng_file(rank)
+        if file.is_file():
+            load_rng(file)
+        else:
+            logger.warning("%s has no RNG state for rank %d (saved with another world size); RNG streams not restored", path, rank)
+
+    def _load_data_position(self, path: Path, info: TrainingInfo, dataloader: Any) -> None:
+        rank = distributed.rank()
+        if dataloader is None or not self.config.resume.resume_dataloader:
+            return
+        if dataloader_file(rank) in info.manifest:
+            load_dataloader(dataloader, path / dataloader_file(rank))
+        else:
+            logger.warning("%s has no data position for rank %d (saved without a dataloader, or converted); the data order starts afresh", path, rank)
+
+    def _warn_if_later_steps(self, step: int) -> None:
+        """Say so when training goes on from `step` while the run holds checkpoints of later steps (a rollback)."""
+        later = [later for later in self.layout.committed_steps() if later > step]
+        if later:
+            logger.warning(
+                "resuming from step %d while %s holds later step(s) %s: training goes on from step %d on a new timeline. "
+                "Its saves are the newest checkpoints from now on (resume.mode: auto picks the most recent commit); a save "
+                "at one of those steps replaces it, and the others stay until retention evicts them or you delete them",
+                step, self.layout.root, ", ".join(map(str, sorted(later))), step,
+            )
+
+    # ------------------------------------------------------------- verify
+    def _verified_info(self, path: Path, *, kind: ModelKind, load_optimizer: bool, preloaded: Preloaded) -> tuple[TrainingInfo, Contents]:
+        """Verify `path` against its manifest (rank 0) and return its training_info and contents on every rank.
+
+        In a single process with `verify_on_resume`, the consolidated weight files and the
+        optimizer tensor files (when `load_optimizer`) are not hashed here and read again by
+        the loaders: each is read once into memory while hashed (`read_verified`) into
+        `preloaded`, and the loaders take the tensors from there. All of them are read and
+        checked before anything is loaded, so a damaged checkpoint still modifies nothing;
+        the price is holding those files in memory meanwhile (about what `torch.load` of an
+        optimizer.pt costs), so above half the available memory this falls back to hashing
+        first and loading after (a second read, usually from the page cache).
+        """
+        error, info, contents = None, None, None
+        if distributed.rank() == 0:
+            try:
+                deferred = self._read_once_files(read_training_info(path)["manifest"], kind, load_optimizer) if self._reads_once() else []
+                raw = verify_checkpoint(path, checksums=self.config.verify_on_resume, deferred=deferred)
+                for name, data in read_verified(path, raw["manifest"], deferred).items():
+                    tensors = tensors_from_buffer(name, data)
+                    if tensors is not None:
+                        preloaded[name] = tensors
+                info, contents = TrainingInfo.from_json(raw), Contents.of(path, raw)
+            except CorruptCheckpointError as err:
+                error = (str(err.path), err.reason)
+        error, info, contents = distributed.broadcast_object((error, info, contents))
+        if error is not None:
+            raise CorruptCheckpointError(*error)
+        return info, contents
+
+    def _reads_once(self) -> bool:
+        return not distributed.is_distributed() and self.config.verify_on_resume
+
+    @staticmethod
+    def _read_once_files(manifest: Mapping[str, Any], kind: ModelKind, load_optimizer: bool) -> list[str]:
+        """Manifest names `_verified_info` reads once for the loaders, or [] where hashing them up front is kept."""
+        folders = [OPTIM_DIR] if load_optimizer else []
+        if kind.weights is WeightsFormat.CONSOLIDATED:
+            folders.append(CONSOLIDATED_DIR)
+        names = [name for name in manifest if name.endswith(".safetensors") and any(name.startswith(f + "/") for f in folders)]
+        sizes = [manifest[name].get("size") for name in names]
+        if not all(isinstance(size, int) for size in sizes) or sum(sizes) > available_memory() // 2:
+            return []
+        return names
+
+
+def optimizer_dir(path: Path, contents: Contents) -> Path:
+    """The optimizer state folder of checkpoint `path`; an error saying what to do when it was saved without one."""
+    if contents.optimizer is None:
+        raise CheckpointError(
+            f"{path} has no optimizer state (saved with save_optimizer: false); pass optimizer=None "
+            "or set resume.load_weight_only: true to start with a fresh optimizer"
+        )
+    return path / OPTIM_DIR

@@ -1,0 +1,97 @@
+"""Decide once what a save writes: the model's kind, the optimizer's format, each rank's role.
+
+`plan_save` runs at the start of every save. It unwraps the model once (DDP, FSDP,
+`torch.compile`, Accelerate wrappers), classifies it and the optimizer, and returns a
+`SavePlan` the writers execute without asking again; its `contents` is recorded in
+`training_info.json`, so that readers ask the checkpoint what it holds. `classify_model`
+is the same decision for loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import distributed
+from .records import Contents, OptimizerFormat, WeightsFormat
+from .state.model import unwrap_model
+from .state.optim import OptimizerSnapshot, capture_optimizer
+from .state.peft import is_peft_model
+from .state.sharded import is_sharded
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What a model is, as checkpointing sees it: the module under its wrappers, PEFT or not, sharded or not."""
+
+    module: torch.nn.Module
+    peft: bool
+    sharded: bool  # parameters are DTensors (FSDP2, tensor parallel): every rank holds a slice
+
+    @property
+    def weights(self) -> WeightsFormat:
+        """How a save of this model holds its weights: the adapter alone for PEFT; per-rank slices when sharded."""
+        if self.peft:
+            return WeightsFormat.ADAPTER
+        return WeightsFormat.SHARDED if self.sharded else WeightsFormat.CONSOLIDATED
+
+
+def classify_model(model: torch.nn.Module) -> ModelKind:
+    inner = unwrap_model(model)
+    return ModelKind(module=inner, peft=is_peft_model(inner), sharded=is_sharded(inner))
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    """What one rank writes for one checkpoint, decided before anything is written.
+
+    Rank 0 writes the shared files (consolidated weights, config, scheduler, model card)
+    and commits; every rank writes its own data position and RNG streams, and its slices
+    of a sharded model or a DCP optimizer state (collectives, run by every rank in order).
+    """
+
+    step: int
+    staging: Path
+    rank: int
+    world_size: int
+    model: ModelKind
+    optimizer: OptimizerSnapshot | None  # the optimizer state, tensors referenced (not copied)
+    contents: Contents
+
+    @property
+    def writes_shared_files(self) -> bool:
+        return self.rank == 0
+
+
+def plan_save(
+    step: int, staging: Path, *, model: torch.nn.Module, optimizer: Any | None, scheduler: Any | None, dataloader: Any | None,
+    save_optimizer: bool, save_consolidated: bool,
+) -> SavePlan:
+    """The plan of one save (every rank makes the same decisions from the same objects).
+
+    Raises:
+        StateMismatchError: the optimizer holds parameters that are not the model's.
+    """
+    kind = classify_model(model)
+    snapshot = capture_optimizer(kind.module, optimizer) if optimizer is not None and save_optimizer else None
+    if snapshot is None:
+        optimizer_format = None
+    elif snapshot.plain and not kind.sharded:  # every rank holds the whole (replicated) state: rank 0 streams it
+        optimizer_format = OptimizerFormat.TENSORS
+    else:
+        optimizer_format = OptimizerFormat.DCP
+    weights = kind.weights
+    contents = Contents(
+        weights=weights,
+        consolidated=weights is WeightsFormat.CONSOLIDATED or (weights is WeightsFormat.SHARDED and save_consolidated),
+        optimizer=optimizer_format,
+        scheduler=scheduler is not None,
+        dataloader=dataloader is not None,
+    )
+    return SavePlan(
+        step=step, staging=staging, rank=distributed.rank(), world_size=distributed.world_size(), model=kind,
+        optimizer=snapshot, contents=contents,
+    )

@@ -1,0 +1,340 @@
+"""Writing a checkpoint: execute a `SavePlan`, synchronously or staged for a background write.
+
+`CheckpointWriter.save` is one save on every rank: rank 0 prepares `.incomplete/<name>/`,
+`plan.plan_save` decides what each rank writes, the parts write it (each returns the
+(size, sha256) of the files it wrote), and rank 0 commits (`commit.Committer`). Every step
+that can fail is followed by an agreement among the ranks (`_agree`), so a rank that
+failed never leaves the others waiting in a collective it will not join, and the error is
+raised on every rank with the failed rank named.
+
+With `async_save`, the parts' tensors are first copied into a host staging buffer; the
+training loop then goes on while a background thread writes them and rank 0 commits once
+every rank has reported through marker files (no collectives off the training thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+
+from . import distributed
+from .async_save import AsyncCheckpointWriter, RankMarkers, SavePart, background_failure, hold_for_tests, run_parts
+from .commit import CommitRequest, Committer
+from .config import CheckpointConfig, parse_size, redact_secrets
+from .errors import CheckpointError, CheckpointSaveError
+from .faultpoint import faultpoint
+from .hub.card import Leaderboard, branch_for, card_rows, render_model_card
+from .layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, MODEL_CARD, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, dataloader_file, rng_file, safe_join
+from .atomic import write_bytes
+from .plan import SavePlan, plan_save
+from .records import ModelSummary, OptimizerFormat, WeightsFormat
+from .registry import Registry
+from .retention import RetentionPolicy
+from .state.dataloader import capture_dataloader
+from .state.model import deduplicated_state_dict, save_hf_metadata, save_weights, weights_dtype
+from .state.optim import write_optimizer_dcp, write_optimizer_tensors
+from .state.peft import save_adapter
+from .state.rng import capture_rng
+from .state.safetensors_io import write_safetensors
+from .state.scheduler import capture_scheduler
+from .state.sharded import save_sharded
+
+logger = logging.getLogger("hf_rl_ckpt")
+
+Digests = dict[str, tuple[int, str]]
+
+
+@dataclass
+class SaveInputs:
+    """What one `CheckpointManager.save` was handed: the objects whose state it writes, and its checked records."""
+
+    record: CommitRequest  # step, metrics, epoch, extra_state (`CommitRequest.checked`)
+    model: torch.nn.Module
+    optimizer: Any = None
+    scheduler: Any = None
+    dataloader: Any = None
+    tokenizer: Any = None
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+
+
+def _prefixed(folder: str, digests: Mapping[str, tuple[int, str]]) -> Digests:
+    return {f"{folder}/{name}": digest for name, digest in digests.items()}
+
+
+def _nothing() -> Digests:
+    """The write of a part this rank has nothing to write for."""
+    return {}
+
+
+def summarize(plan: SavePlan) -> ModelSummary:
+    module = plan.model.module
+    dtype = weights_dtype(module)
+    return ModelSummary(
+        class_name=type(module).__name__, num_parameters=sum(p.numel() for p in module.parameters()),
+        dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+    )
+
+
+class CheckpointWriter:
+    """Writes the checkpoints of one run directory; rank 0's `committer` commits them."""
+
+    def __init__(
+        self, config: CheckpointConfig, committer: Committer, registry: Registry, policy: RetentionPolicy, training_config: Mapping[str, Any],
+    ) -> None:
+        self.config, self.committer, self.registry, self.policy = config, committer, registry, policy
+        self.layout = committer.layout
+        self.training_config = dict(training_config)
+        self.max_shard_size = parse_size(config.max_shard_size)
+        self.background = AsyncCheckpointWriter()  # async_save: the staging buffer and the background write + commit
+
+    # ------------------------------------------------------------- the flow
+    def save(self, inputs: SaveInputs, started: float) -> Path:
+        """Write and commit (or, with `async_save`, stage for the background) one checkpoint on every rank."""
+        step = inputs.record.step
+        staging = self.layout.incomplete_dir(step)
+        error = None
+        if distributed.rank() == 0:
+            try:
+                self.committer.staging_dir(step)
+            except (OSError, CheckpointError) as err:  # read-only dir, lock taken by another process, disk full: reported below
+                error = err
+        self._agree(step, staging, error)
+        faultpoint("save.staged")
+        plan, parts, error = None, [], None
+        try:
+            plan = plan_save(
+                step, staging, model=inputs.model, optimizer=inputs.optimizer, scheduler=inputs.scheduler, dataloader=inputs.dataloader,
+                save_optimizer=self.config.save_optimizer, save_consolidated=self.config.save_consolidated,
+            )
+            parts = self._parts(plan, inputs)
+        except Exception as err:  # e.g. a dataloader without state_dict(): reported to every rank below
+            error = err
+        self._agree(step, staging, error)
+        request = dataclasses.replace(inputs.record, model=summarize(plan), contents=plan.contents, started=started)
+        in_background = self.config.async_save
+        digests: Digests = {}
+        here = [part for part in parts if not (in_background and part.background)]
+        # A single process writes the parts concurrently (hashing on several cores); ranks of a job one by one.
+        for part, error in run_parts(here, concurrently=not distributed.is_distributed()):
+            self._agree(step, staging, error)  # a failure is reported to every rank, then re-raised with the rank named
+            digests.update(part)
+            faultpoint("save.part_written")
+        if in_background:
+            return self._stage_for_background(plan, [part for part in parts if part.background], digests, request)
+        all_digests: Digests = {}
+        for rank_digests in distributed.all_gather_object(digests):
+            all_digests.update(rank_digests)
+        error = None
+        if plan.writes_shared_files:
+            try:
+                self.committer.commit(staging, request, all_digests)
+            except Exception as err:  # sealing failed before the rename (disk full, I/O error): reported, staging removed
+                error = err
+        self._agree(step, staging, error)
+        return self.layout.step_dir(step)
+
+    def _agree(self, step: int, staging: Path, error: Exception | None) -> None:
+        """Raise on every rank if any rank failed (rank 0 removes the staging directory first); else return on every rank."""
+        reports = distributed.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+        failed = {rank: report for rank, report in enumerate(reports) if report is not None}
+        if not failed:
+            return
+        if distributed.rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        distributed.barrier()
+        previous = self._latest()
+        detail = "; ".join(f"rank {rank}: {report}" for rank, report in failed.items())
+        raise CheckpointSaveError(
+            f"saving step {step} failed ({detail}); nothing was committed to {self.layout.root}"
+            + (f", the previous checkpoint {previous} is intact" if previous else "")
+        ) from error
+
+    def _latest(self) -> Path | None:
+        committed = list(self.layout.committed_steps().values())
+        return committed[-1] if committed else None
+
+    # ------------------------------------------------------------- async
+    def _stage_for_background(self, plan: SavePlan, parts: list[SavePart], digests: Digests, request: CommitRequest) -> Path:
+        """Training thread: copy the parts' tensors into the staging buffer, then hand write + commit to the thread."""
+        markers = RankMarkers(plan.staging)
+        error, deferred = None, []
+        try:
+            if plan.rank == 0:
+                markers.reset()
+            deferred = self.background.stage(parts)  # optimizer state: copied by the thread before the optimizer's next step
+        except Exception as err:  # reported to every rank below, then re-raised with the rank named
+            error = err
+        self._agree(plan.step, plan.staging, error)
+        self.background.submit(plan.step, lambda: self._write_and_commit(plan, parts, digests, markers, request, deferred))
+        logger.info("async save of step %d staged in %.3fs (%.1f MB buffered); writing and committing in the background",
+                    plan.step, time.perf_counter() - request.started, self.background.buffer.nbytes() / 1e6)
+        return self.layout.step_dir(plan.step)
+
+    def _write_and_commit(self, plan: SavePlan, parts: list[SavePart], digests: Digests, markers: RankMarkers, request: CommitRequest, deferred) -> None:
+        """Background thread: write the staged parts; rank 0 commits once every rank reported. No collectives."""
+        error = None
+        try:
+            for deferred_copy in deferred:  # first: the training loop's next optimizer step waits for these
+                deferred_copy.run(self.background.buffer)
+            for part in parts:
+                digests.update(part.run())
+                faultpoint("save.part_written")
+                hold_for_tests()
+        except Exception as err:
+            error = err
+        if plan.world_size > 1:
+            markers.report(plan.rank, digests, error)
+        if plan.rank != 0:
+            if error is not None:
+                raise error
+            return
+        try:
+            all_digests = digests
+            if plan.world_size > 1:  # wait for every rank, even after a failure here, so nothing is written after the clean-up
+                try:
+                    all_digests = markers.collect(plan.world_size, plan.staging)
+                except CheckpointSaveError:
+                    if error is None:
+                        raise
+            if error is not None:
+                raise error
+            self.committer.commit(plan.staging, request, all_digests)
+        except BaseException:
+            shutil.rmtree(plan.staging, ignore_errors=True)
+            raise
+        finally:
+            markers.reset()
+
+    def drain(self) -> None:
+        """Wait for the async save in flight, if any; if it failed on any rank, raise on every rank.
+
+        Runs in the training thread (the only place collectives run), at the start of every
+        `save` and in `finalize`, so a background failure is never silent.
+        """
+        if not self.config.async_save:
+            return
+        failure = self.background.wait()
+        reports = distributed.all_gather_object(None if failure is None else (failure[0], f"{type(failure[1]).__name__}: {failure[1]}"))
+        failed = {rank: report for rank, report in enumerate(reports) if report is not None}
+        if not failed:
+            return
+        if failure is not None:
+            raise background_failure(failure[0], failure[1], self._latest())
+        step = next(iter(failed.values()))[0]
+        detail = "; ".join(f"rank {rank}: {report[1]}" for rank, report in failed.items())
+        raise CheckpointSaveError(f"the background (async) save of step {step} failed ({detail}); nothing was committed")
+
+    # ------------------------------------------------------------- parts
+    def _parts(self, plan: SavePlan, inputs: SaveInputs) -> list[SavePart]:
+        """The parts of a checkpoint in write order, each holding what it will write as of this call.
+
+        Building them captures the state: small state as bytes, tensors by reference (an
+        async save copies them into its staging buffer before the training loop resumes, a
+        synchronous one writes them from where they are, holding no second copy). Parts may
+        run collectives (DCP) and every rank runs them in the same order.
+        """
+        return [
+            self._model_part(plan, inputs.tokenizer, inputs.extra_files),
+            self._optimizer_part(plan, inputs.optimizer),
+            self._rank_state_part(plan, inputs.scheduler, inputs.dataloader),
+            SavePart("model card", lambda: self._card_part(plan, inputs.record.metrics), after_others=True),  # reads config.yaml, config.json
+        ]
+
+    def _model_part(self, plan: SavePlan, tokenizer: Any, extra_files: dict[str, bytes]) -> SavePart:
+        """The weights: per-rank shards (every rank) + consolidated folder for a sharded model, else rank 0's folder."""
+        staging, module, shared = plan.staging, plan.model.module, plan.writes_shared_files
+        extra_files = dict(extra_files)  # as of this call (an async save writes them later)
+
+        def write_extra_files() -> Digests:
+            return {name: write_bytes(safe_join(staging, name), data) for name, data in extra_files.items()} if shared else {}
+
+        weights = plan.contents.weights
+        if weights is WeightsFormat.SHARDED:
+
+            def write_sharded() -> Digests:
+                consolidated = staging / CONSOLIDATED_DIR if plan.contents.consolidated else None
+                save_sharded(module, staging / SHARDED_DIR, consolidated, max_shard_size=self.max_shard_size, tokenizer=tokenizer)
+                return write_extra_files()
+
+            return SavePart("model", write_sharded, background=False)  # DCP collectives
+        if not shared:
+            return SavePart("model", _nothing)
+        if weights is WeightsFormat.ADAPTER:  # save_adapter reads the live adapter: written in the training thread (adapters are small)
+            return SavePart("model", lambda: {**_prefixed(ADAPTER_DIR, save_adapter(module, staging / ADAPTER_DIR, tokenizer=tokenizer)), **write_extra_files()}, background=False)
+        out = staging / CONSOLIDATED_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        save_hf_metadata(module, out, tokenizer)  # small, and now: a tokenizer must not be saved from another thread
+
+        def write_weights(state: Mapping[str, torch.Tensor]) -> Digests:
+            return {**_prefixed(CONSOLIDATED_DIR, save_weights(state, out, self.max_shard_size, self.config.model_save_format)), **write_extra_files()}
+
+        return SavePart("model", write_weights, tensors=deduplicated_state_dict(module))
+
+    def _optimizer_part(self, plan: SavePlan, optimizer: Any) -> SavePart:
+        """The optimizer state: streamed by rank 0 when every rank holds all of it (single process, DDP), else DCP on every rank."""
+        snapshot, out = plan.optimizer, plan.staging / OPTIM_DIR
+        if snapshot is None:
+            return SavePart("optimizer", _nothing)
+        if plan.contents.optimizer is OptimizerFormat.TENSORS:
+            if not plan.writes_shared_files:
+                return SavePart("optimizer", _nothing)
+            return SavePart(
+                "optimizer", lambda tensors: _prefixed(OPTIM_DIR, write_optimizer_tensors(tensors, snapshot.rest, out)),
+                tensors=snapshot.tensors, written_by_step=optimizer,
+            )
+        return SavePart("optimizer", lambda: _prefixed(OPTIM_DIR, write_optimizer_dcp(snapshot, out)), background=False)  # collective
+
+    def _rank_state_part(self, plan: SavePlan, scheduler: Any, dataloader: Any) -> SavePart:
+        """Small per-rank files (data position, RNG) and rank 0's scheduler and config; no collectives.
+
+        Captured now as bytes (and the RNG streams as fresh tensors), written by the part.
+        """
+        staging, rank = plan.staging, plan.rank
+        files: dict[str, bytes] = {}
+        if scheduler is not None and plan.writes_shared_files:
+            files[SCHEDULER_JSON] = capture_scheduler(scheduler)
+        if dataloader is not None:
+            files[dataloader_file(rank)] = capture_dataloader(dataloader)
+        if plan.writes_shared_files:
+            document = {"checkpoint": self.config.to_dict(redact=True), "training": redact_secrets(self.training_config)}
+            files[CONFIG_YAML] = yaml.safe_dump(document, sort_keys=False).encode()
+        rng_tensors, rng_metadata = capture_rng()
+
+        def write() -> Digests:
+            digests: Digests = {}
+            for name, data in files.items():
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                digests[name] = write_bytes(target, data)  # no per-file fsync: the commit fsyncs the staging tree
+            (staging / "rng").mkdir(exist_ok=True)
+            digests[rng_file(rank)] = write_safetensors(staging / rng_file(rank), rng_tensors, rng_metadata)
+            return digests
+
+        return SavePart("rank state", write)
+
+    def _card_part(self, plan: SavePlan, metrics: Mapping[str, Any]) -> Digests:
+        """README.md (rank 0): the model card as of this save, so it is in the manifest.
+
+        Its leaderboard is the one this commit produces. A committed checkpoint is never
+        rewritten, so the local card stays as of the save; the Hub publisher re-renders the
+        card with the current leaderboard on every push.
+        """
+        if not plan.writes_shared_files:
+            return {}
+        rows = [record.to_json() for record in self.registry.records()]
+        board = Leaderboard.from_rows(card_rows(rows, plan.step, metrics), self.policy)
+        publishing = self.config.push_to_hub
+        card = render_model_card(
+            plan.staging, step=plan.step, metrics=metrics, leaderboard=board, local_path=self.layout.step_dir(plan.step),
+            repo_id=self.config.hub_model_id if publishing else None, revision=branch_for(plan.step) if publishing else None,
+            model_folder=plan.contents.deployable_dir,
+        )
+        return {MODEL_CARD: write_bytes(plan.staging / MODEL_CARD, str(card).encode())}  # sealed by the commit's fsync_tree
