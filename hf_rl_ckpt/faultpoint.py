@@ -31,6 +31,12 @@ FAULT_POINTS = (
     "commit.before_hub_enqueue",  # registry final, the Hub push not yet queued
 )
 
+#: The points of replacing a directory that exists (`atomic.commit_directory` with `parked`; a re-saved step), off an ordinary save's path.
+REPLACE_POINTS = (
+    "replace.parked",  # the old directory renamed aside, the new one not yet in its place
+    "replace.swapped",  # the new directory in place and durable, the old one not yet deleted
+)
+
 _hits: dict[str, int] = {}
 
 
