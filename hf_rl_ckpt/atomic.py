@@ -100,7 +100,7 @@ def commit_directory(staging: str | os.PathLike, final: str | os.PathLike, *, pa
         os.rename(final, parked)
         faultpoint("replace.parked")
     os.rename(staging, final)
-    for parent in dict.fromkeys((final.parent, staging.parent)):
+    for parent in dict.fromkeys((final.parent, staging.parent)):  # both lost or gained a name; each once
         fsync_dir(parent)
     if replacing:
         faultpoint("replace.swapped")

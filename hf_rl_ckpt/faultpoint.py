@@ -19,7 +19,7 @@ import signal
 
 ENV_VAR = "HF_RL_CKPT_FAULT_POINT"
 
-#: Every point the library calls, in the order one save passes them.
+#: The points an ordinary save passes, in the order it passes them.
 FAULT_POINTS = (
     "save.staged",  # staging directory created, nothing written yet
     "save.part_written",  # after each part: weights, optimizer, small per-rank state

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_rl_ckpt.atomic import atomic_directory, commit_directory, recover_parked
+from hf_rl_ckpt.atomic import atomic_directory, atomic_write_bytes, commit_directory, recover_parked
 from hf_rl_ckpt.faultpoint import ENV_VAR as FAULT_ENV
 from hf_rl_ckpt.faultpoint import REPLACE_POINTS
 
@@ -73,6 +73,13 @@ def test_replace_swaps_in_the_new_directory_and_deletes_the_old(tmp_path):
     assert _contents(final) == NEW
     assert not staging.exists() and not parked.exists()
     assert sorted(os.listdir(tmp_path)) == [".incomplete", ".trash", "step_4"]
+
+
+def test_a_file_is_replaced_through_its_hidden_sibling(tmp_path):
+    target = tmp_path / "checkpoints.json"
+    target.write_text("old")
+    assert atomic_write_bytes(target, b"new")[0] == 3
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["checkpoints.json"]
 
 
 _CHILD = textwrap.dedent(
