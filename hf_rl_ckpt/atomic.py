@@ -1,22 +1,38 @@
-"""Durable file primitives: fsync, write-temp-then-rename, hashing while writing.
+"""Durable file primitives: fsync, write-temp-then-rename (files and whole directories), hashing while writing.
 
 A checkpoint is only as safe as its weakest write. Everything here follows one rule: a
 reader sees either the old content or the complete new content, never a torn file, even if
 the process is SIGKILLed or the machine loses power between any two system calls.
+
+Every directory this library publishes (a checkpoint, an export, a weight-sync version, a
+converted checkpoint) goes through one protocol: build it under a staging name, `fsync_tree`
+it, then `commit_directory` renames it into place and fsyncs the parents. `atomic_directory`
+is that protocol as a `with` block for a directory written in one go; the checkpoint manager,
+whose staging directory outlives a call (`.incomplete/<name>/`, written by every rank, maybe
+in the background), calls `fsync_tree` and `commit_directory` itself. Files follow the same
+steps through `commit_file`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
+import logging
 import mmap
 import os
+import shutil
 import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
+
+from .faultpoint import faultpoint
+
+logger = logging.getLogger(__name__)
 
 #: Size of the pieces that the pipelined writer and reader hand between hashing and I/O.
 PIPELINE_CHUNK = 16 * 1024 * 1024
@@ -52,6 +68,93 @@ def fsync_tree(root: str | os.PathLike) -> None:
     with ThreadPoolExecutor(min(16, len(paths)), thread_name_prefix="hf_rl_ckpt-fsync") as pool:
         for future in [pool.submit(_fsync_path, path) for path in paths]:
             future.result()
+
+
+def commit_directory(staging: str | os.PathLike, final: str | os.PathLike, *, parked: str | os.PathLike | None = None) -> None:
+    """Rename the whole, fsynced directory `staging` into place as `final` and make the rename durable.
+
+    `final` must not exist, unless `parked` is given: then the existing `final` is first
+    renamed to `parked` (its parent is created), the new directory takes its place, and the
+    old one is deleted. A crash between the two renames leaves no `final` and the old
+    directory at `parked`; `recover_parked(parked, final)`, run before anything else uses
+    `final`, puts it back, so `final` is always the whole old or the whole new directory.
+    The parents of `final` and `staging` are fsynced before the old directory is deleted.
+
+    Example:
+        ```py
+        >>> fsync_tree("run/.incomplete/step_40")
+        >>> commit_directory("run/.incomplete/step_40", "run/step_40", parked="run/.trash/replaced-step_40")
+        ```
+
+    Raises:
+        FileExistsError: `final` exists and no `parked` was given; nothing was renamed.
+    """
+    staging, final = Path(staging), Path(final)
+    replacing = final.exists()
+    if replacing:
+        if parked is None:
+            raise FileExistsError(errno.EEXIST, "refusing to replace an existing directory", os.fspath(final))
+        parked = Path(parked)
+        parked.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(parked, ignore_errors=True)  # left by an interrupted replacement that was never recovered
+        os.rename(final, parked)
+        faultpoint("replace.parked")
+    os.rename(staging, final)
+    for parent in dict.fromkeys((final.parent, staging.parent)):  # both lost or gained a name; each once
+        fsync_dir(parent)
+    if replacing:
+        faultpoint("replace.swapped")
+        shutil.rmtree(parked)
+
+
+def recover_parked(parked: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Finish the replacement of `final` that a crash interrupted inside `commit_directory(..., parked=parked)`.
+
+    With no `final`, the crash came between the two renames: the old directory is renamed
+    back. Otherwise the new directory made it into place and the old one at `parked` is deleted.
+    """
+    parked, final = Path(parked), Path(final)
+    if final.exists():
+        logger.info("removing %s: a replacement of %s interrupted by a crash left it there (the new one is in place)", parked, final)
+        shutil.rmtree(parked)
+        return
+    logger.warning("restoring %s: a crash interrupted its replacement", final)
+    os.rename(parked, final)
+    fsync_dir(final.parent)
+
+
+@contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Create the directory `final` whole or not at all: fill the empty directory the block is given.
+
+    The block writes into a hidden sibling of `final` (`staging_sibling`). When it ends
+    cleanly, the tree is fsynced and renamed into place (`commit_directory`); when it raises,
+    the staging directory is deleted and the exception propagates. `final` is never seen
+    half-written: a SIGKILL or a power loss leaves at most the hidden `.<name>.tmp-<pid>`
+    sibling, which is safe to delete.
+
+    Example:
+        ```py
+        >>> with atomic_directory("exports/model") as staging:
+        ...     (staging / "config.json").write_text("{}")
+        >>> os.listdir("exports")
+        ['model']
+        ```
+
+    Raises:
+        FileExistsError: `final` appeared while the block ran; it is left as it is and the new directory is deleted.
+    """
+    final = Path(final)
+    staging = staging_sibling(final)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a crashed process that had our pid
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        fsync_tree(staging)
+        commit_directory(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _writeback_starter() -> Callable[[int, int, int], None] | None:
@@ -161,16 +264,32 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> tuple[int, str]:
     return len(data), hashlib.sha256(data).hexdigest()
 
 
+def staging_sibling(final: str | os.PathLike) -> Path:
+    """The hidden name beside `final` that it is built under: `.<name>.tmp-<pid>` (one per process, never listed as `final`)."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def commit_file(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Make the written and closed file `staging` durable and rename it over `final`, atomically.
+
+    Example:
+        ```py
+        >>> Path("out.tar.partial").write_bytes(b"...")
+        >>> commit_file("out.tar.partial", "out.tar")
+        ```
+    """
+    _fsync_path(os.fspath(staging))
+    os.replace(staging, final)
+    fsync_dir(Path(final).parent)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> tuple[int, str]:
     """Write `data` to `path` through a temp file + fsync + rename; return (size, sha256)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = staging_sibling(path)
     with open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    commit_file(tmp, path)
     return len(data), hashlib.sha256(data).hexdigest()
 
 

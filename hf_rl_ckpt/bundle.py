@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .atomic import fsync_dir, sha256_file
+from .atomic import commit_file, sha256_file
 from .errors import CheckpointError, CorruptCheckpointError
 from .export import export_checkpoint
 from .layout import MODEL_CARD, safe_join
@@ -92,10 +92,7 @@ def export_bundle(
             archive.add(folder, arcname=name, recursive=False, filter=_normalised)
             for rel in sorted(files) + [BUNDLE_INFO]:
                 archive.add(folder / rel, arcname=f"{name}/{rel}", filter=_normalised)
-        with open(partial, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(partial, out)
-    fsync_dir(out.parent)
+        commit_file(partial, out)
     return out
 
 

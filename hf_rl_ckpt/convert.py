@@ -52,7 +52,7 @@ import numpy as np
 import torch
 import yaml
 
-from .atomic import fsync_dir
+from .atomic import commit_directory
 from .config import CheckpointConfig
 from .errors import CheckpointError, CorruptCheckpointError
 from .layout import TRAINING_INFO
@@ -512,8 +512,7 @@ def convert_checkpoint(
                 extra_state={"converted_from": {"format": fmt, "path": str(src.resolve()), "weights_only": weights_only}},
             )
         manager.finalize()
-        os.rename(saved, out)
-        fsync_dir(out.parent)
+        commit_directory(saved, out)  # already sealed by the save
     finally:
         shutil.rmtree(work, ignore_errors=True)
     logger.info("converted %s checkpoint %s -> %s (step %d)", fmt, src, out, source.step)

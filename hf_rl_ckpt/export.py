@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from huggingface_hub.utils import tqdm
 
-from .atomic import fsync_dir, fsync_tree
+from .atomic import atomic_directory
 from .config import parse_size
 from .errors import CheckpointError
 from .layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR
@@ -46,24 +46,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     if out.exists():
         raise CheckpointError(f"export target {out} already exists; choose a new folder or remove it first")
     verify_checkpoint(checkpoint, only=_MODEL_FOLDERS + ((CONFIG_YAML,) if merge_lora else ()))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic_directory(out) as staging:
         if merge_lora:
             _write_merged(checkpoint, staging, base)
         else:
             _copy_with_progress(_model_folder(checkpoint), staging)
-        fsync_tree(staging)
-        os.rename(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    fsync_dir(out.parent)
     return out
 
 
 def _copy_with_progress(source: Path, target: Path) -> None:
-    """`shutil.copytree` with a progress bar in bytes: a large model's weights take minutes to copy.
+    """`shutil.copytree` into the (empty) folder `target` with a progress bar in bytes: a large model's weights take minutes to copy.
 
     The bar is huggingface_hub's (a widget in notebooks; `HF_HUB_DISABLE_PROGRESS_BARS=1` turns it off).
     """
@@ -75,7 +67,7 @@ def _copy_with_progress(source: Path, target: Path) -> None:
             bar.update(os.path.getsize(src))
             return dst
 
-        shutil.copytree(source, target, copy_function=copy)
+        shutil.copytree(source, target, copy_function=copy, dirs_exist_ok=True)
 
 
 def _model_folder(checkpoint: Path) -> Path:

@@ -19,7 +19,7 @@ import signal
 
 ENV_VAR = "HF_RL_CKPT_FAULT_POINT"
 
-#: Every point the library calls, in the order one save passes them.
+#: The points an ordinary save passes, in the order it passes them.
 FAULT_POINTS = (
     "save.staged",  # staging directory created, nothing written yet
     "save.part_written",  # after each part: weights, optimizer, small per-rank state
@@ -29,6 +29,12 @@ FAULT_POINTS = (
     "retention.after_trash",  # evicted checkpoints moved to .trash/, registry not yet rewritten
     "retention.before_delete",  # registry rewritten, .trash/ not yet deleted
     "commit.before_hub_enqueue",  # registry final, the Hub push not yet queued
+)
+
+#: The points of replacing a directory that exists (`atomic.commit_directory` with `parked`; a re-saved step), off an ordinary save's path.
+REPLACE_POINTS = (
+    "replace.parked",  # the old directory renamed aside, the new one not yet in its place
+    "replace.swapped",  # the new directory in place and durable, the old one not yet deleted
 )
 
 _hits: dict[str, int] = {}

@@ -25,11 +25,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from .atomic import fsync_dir, fsync_tree
+from .atomic import atomic_directory, fsync_dir, staging_sibling
 from .errors import CheckpointError
 
 VERSIONS_SUFFIX = ".versions"
-_STAGING_PREFIX = ".tmp-"
 
 
 def versions_dir(link: Path) -> Path:
@@ -62,14 +61,9 @@ def publish(link: str | os.PathLike, name: str, write: Callable[[Path], object])
     while final.exists():  # the same step published again (e.g. after a resume): never touch what readers may hold
         final = versions / f"{name}-{suffix}"
         suffix += 1
-    staging = versions / f"{_STAGING_PREFIX}{final.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    write(staging)
-    fsync_tree(staging)
-    os.rename(staging, final)
-    fsync_dir(versions)
-    tmp_link = link.parent / f".{link.name}.swap-{os.getpid()}"
+    with atomic_directory(final) as staging:
+        write(staging)
+    tmp_link = staging_sibling(link)
     if tmp_link.is_symlink():
         tmp_link.unlink()
     os.symlink(os.path.relpath(final, link.parent), tmp_link)
