@@ -343,7 +343,7 @@ class Bench:
         stall_rss = peak.read()
         started = time.perf_counter() - t["stall_in_save"]
         t["step_slowdown"] = self._train_step() - baseline
-        t["step_wait"] = manager._async.step_waited
+        t["step_wait"] = manager._writer.background.step_waited
         t["stall"] = t["stall_in_save"] + t["step_wait"]
         manager.finalize(terminate=False)  # waits until the background write is committed
         t["save"] = time.perf_counter() - started

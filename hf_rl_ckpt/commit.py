@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import os
 import shutil
 import sys
 import time
@@ -25,8 +24,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from . import distributed
-from .atomic import atomic_write_json, fsync_dir, fsync_tree
+from .atomic import atomic_write_json, commit_directory, fsync_dir, fsync_tree, recover_parked
 from .errors import CheckpointError, CheckpointSaveError, ConfigError
 from .events import CheckpointCommitted, Subscribers
 from .faultpoint import faultpoint
@@ -79,6 +77,7 @@ class CommitRequest:
     extra: dict[str, Any] = field(default_factory=dict)
     model: ModelSummary | None = None
     contents: Contents | None = None  # None: a framework wrote the files itself (`Committer.commit_staged`)
+    world_size: int = 1  # the ranks that wrote it
     started: float = field(default_factory=time.perf_counter)  # when the save began
 
     @classmethod
@@ -151,7 +150,7 @@ class Committer:
             commit_seq=self.registry.next_commit_seq(),  # what makes it the newest checkpoint, whatever its step
             retention=self.policy,  # retention never evicts it under other settings
             save_seconds=round(time.perf_counter() - request.started, 3),
-            world_size=distributed.world_size(),
+            world_size=request.world_size,
             versions=library_versions(),
             model=request.model,
             extra=request.extra,
@@ -164,11 +163,8 @@ class Committer:
         faultpoint("commit.before_rename")
         final = self.layout.step_dir(request.step)
         if final.exists():
-            self._replace(final, staging)
-        else:
-            os.rename(staging, final)
-        fsync_dir(self.layout.root)
-        fsync_dir(self.layout.incomplete_root)
+            logger.warning("replacing existing checkpoint %s with a new save of the same step", final)
+        commit_directory(staging, final, parked=self.layout.trash_root / f"{REPLACED_PREFIX}{final.name}")  # recover() finishes a crashed swap
         faultpoint("commit.after_rename")
         evicted = self.events.committed(CheckpointCommitted(request.step, final, info))
         logger.info(
@@ -192,17 +188,6 @@ class Committer:
             raise CheckpointSaveError(f"committing step {step} failed ({err}); nothing was committed to {self.layout.root}") from err
         return self.layout.step_dir(step)
 
-    def _replace(self, final: Path, staging: Path) -> None:
-        """Swap a re-saved step into place; `recover` restores the old one if we crash mid-swap."""
-        logger.warning("replacing existing checkpoint %s with a new save of the same step", final)
-        self.layout.trash_root.mkdir(exist_ok=True)
-        parked = self.layout.trash_root / f"{REPLACED_PREFIX}{final.name}"
-        shutil.rmtree(parked, ignore_errors=True)
-        os.rename(final, parked)
-        os.rename(staging, final)
-        fsync_dir(self.layout.root)
-        shutil.rmtree(parked)
-
     def recover(self) -> None:
         """Finish or undo what an interrupted process left behind, and re-index (only report it in a read-only dir)."""
         if self.read_only:
@@ -216,12 +201,10 @@ class Committer:
                 shutil.rmtree(leftover)
         if self.layout.trash_root.is_dir():
             for entry in sorted(self.layout.trash_root.iterdir()):
-                original = self.layout.root / entry.name.removeprefix(REPLACED_PREFIX)
-                if entry.name.startswith(REPLACED_PREFIX) and not original.exists():
-                    logger.warning("restoring %s: a crash interrupted its replacement", original)
-                    os.rename(entry, original)
+                if entry.name.startswith(REPLACED_PREFIX):
+                    recover_parked(entry, self.layout.root / entry.name.removeprefix(REPLACED_PREFIX))
                 else:
-                    logger.info("removing %s: an eviction or replacement interrupted by a crash left it there (no longer a checkpoint)", entry)
+                    logger.info("removing %s: an eviction interrupted by a crash left it there (no longer a checkpoint)", entry)
                     shutil.rmtree(entry)
             fsync_dir(self.layout.root)
         self.registry.reconcile()

@@ -23,8 +23,9 @@ and the weights are *assigned* (one copy of the weights in memory, not two; an a
 loaded into its PeftModel around a base that stays on the meta device, since an adapter
 checkpoint never holds the base), the optimizer state is loaded into a neutral optimizer
 over the model's trainable named parameters (the parameter-index-to-name mapping is
-validated against every state tensor's shape), and then `CheckpointManager.save` writes
-it: the result is an ordinary checkpoint, byte for byte what a run would have saved, and it appears at OUT whole or not at all.
+validated against every state tensor's shape), and then the ordinary writer
+(`write.write_checkpoint`) writes it, this process alone (no collectives), with the source's
+own RNG streams: the result is an ordinary checkpoint, byte for byte what a run would have saved, and it appears at OUT whole or not at all.
 
 Pickles: every source above except a safetensors-only weights conversion holds pickled
 files. They are read only with `trust_pickle=True` (`--trust-pickle`), and then only
@@ -41,26 +42,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 import yaml
 
-from .atomic import commit_directory
-from .config import CheckpointConfig
+from .commit import CommitRequest
 from .errors import CheckpointError, CorruptCheckpointError
 from .layout import TRAINING_INFO
-from .manager import CheckpointManager
-from .state.dataloader import preserve_global_rng
 from .state.model import BIN_INDEX, BIN_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS, check_tensors, read_weights, weight_files
 from .state.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .state.pickled import DCP_METADATA, load_pickled, read_dcp, require_trust
+from .state.rng import rng_snapshot
+from .write import SaveInputs, write_checkpoint
 
 logger = logging.getLogger("hf_rl_ckpt")
 
@@ -430,7 +428,7 @@ def _order_problem(names: list[str], params: Mapping[str, torch.Tensor], slots_b
 
 
 class _StateOf:
-    """Hands a plain state dict to `CheckpointManager.save` where it expects a scheduler or dataloader."""
+    """Hands a plain state dict to the writer where it expects a scheduler or dataloader."""
 
     def __init__(self, state: dict[str, Any]) -> None:
         self._state = state
@@ -493,27 +491,18 @@ def convert_checkpoint(
     source = _READERS[fmt](src, trust_pickle=trust_pickle, weights_only=weights_only, base_model=base_model, step=step)
     model = _build_model(source)
     optimizer = _build_optimizer(model, source) if source.optimizer is not None else None
-    work = out.parent / f".{out.name}.convert-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(work), resume={"mode": "disable"}), training_config=source.training_config)
-    try:
-        with preserve_global_rng():
-            if source.rng is not None:
-                python_state, numpy_state, torch_state = source.rng
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
-                torch.set_rng_state(torch_state)
-            saved = manager.save(
-                source.step, model=model, optimizer=optimizer,
-                scheduler=_StateOf(source.scheduler) if source.scheduler is not None else None,
-                dataloader=_StateOf(source.dataloader) if source.dataloader is not None else None,
-                tokenizer=_TokenizerFiles(source.tokenizer_dir) if source.tokenizer_dir is not None else None,
-                metrics=source.metrics, epoch=source.epoch, extra_files=source.extra_files,
-                extra_state={"converted_from": {"format": fmt, "path": str(src.resolve()), "weights_only": weights_only}},
-            )
-        manager.finalize()
-        commit_directory(saved, out)  # already sealed by the save
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    inputs = SaveInputs(
+        record=CommitRequest.checked(
+            source.step, source.metrics, source.epoch,
+            {"converted_from": {"format": fmt, "path": str(src.resolve()), "weights_only": weights_only}}, metric_name=None,
+        ),
+        model=model, optimizer=optimizer,
+        scheduler=_StateOf(source.scheduler) if source.scheduler is not None else None,
+        dataloader=_StateOf(source.dataloader) if source.dataloader is not None else None,
+        tokenizer=_TokenizerFiles(source.tokenizer_dir) if source.tokenizer_dir is not None else None,
+        extra_files=source.extra_files,
+        rng=rng_snapshot(*source.rng) if source.rng is not None else None,
+    )
+    write_checkpoint(out, inputs, training_config=source.training_config)
     logger.info("converted %s checkpoint %s -> %s (step %d)", fmt, src, out, source.step)
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
@@ -43,6 +44,40 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The processes one save coordinates: the job's process group (`JOB`), or this process alone (`THIS_PROCESS`).
+
+    A checkpoint written by one rank for itself (a conversion under `resume.mode: from_path`
+    runs on rank 0 only) must not join the job's collectives, which the other ranks are not in.
+    """
+
+    alone: bool = False
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.alone else rank()
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.alone else world_size()
+
+    @property
+    def is_distributed(self) -> bool:
+        return not self.alone and is_distributed()
+
+    def all_gather_object(self, value: Any) -> list[Any]:
+        return [value] if self.alone else all_gather_object(value)
+
+    def barrier(self) -> None:
+        if not self.alone:
+            barrier()
+
+
+JOB = Ranks()
+THIS_PROCESS = Ranks(alone=True)
 
 
 @contextlib.contextmanager

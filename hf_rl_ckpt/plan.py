@@ -67,10 +67,10 @@ class SavePlan:
 
 
 def plan_save(
-    step: int, staging: Path, *, model: torch.nn.Module, optimizer: Any | None, scheduler: Any | None, dataloader: Any | None,
+    step: int, staging: Path, ranks: distributed.Ranks, *, model: torch.nn.Module, optimizer: Any | None, scheduler: Any | None, dataloader: Any | None,
     save_optimizer: bool, save_consolidated: bool,
 ) -> SavePlan:
-    """The plan of one save (every rank makes the same decisions from the same objects).
+    """The plan of one save among `ranks` (every rank makes the same decisions from the same objects).
 
     Raises:
         StateMismatchError: the optimizer holds parameters that are not the model's.
@@ -92,6 +92,6 @@ def plan_save(
         dataloader=dataloader is not None,
     )
     return SavePlan(
-        step=step, staging=staging, rank=distributed.rank(), world_size=distributed.world_size(), model=kind,
+        step=step, staging=staging, rank=ranks.rank, world_size=ranks.world_size, model=kind,
         optimizer=snapshot, contents=contents,
     )

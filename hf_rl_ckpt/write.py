@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,8 +33,9 @@ from .config import CheckpointConfig, parse_size, redact_secrets
 from .errors import CheckpointError, CheckpointSaveError
 from .faultpoint import faultpoint
 from .hub.card import Leaderboard, branch_for, card_rows, render_model_card
-from .layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, MODEL_CARD, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, dataloader_file, rng_file, safe_join
-from .atomic import write_bytes
+from .layout import ADAPTER_DIR, CONFIG_YAML, CheckpointLayout, CONSOLIDATED_DIR, MODEL_CARD, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, dataloader_file, rng_file, safe_join
+from .atomic import commit_directory, staging_sibling, write_bytes
+from .events import Subscribers
 from .plan import SavePlan, plan_save
 from .records import ModelSummary, OptimizerFormat, WeightsFormat
 from .registry import Registry
@@ -42,7 +44,7 @@ from .state.dataloader import capture_dataloader
 from .state.model import deduplicated_state_dict, save_hf_metadata, save_weights, weights_dtype
 from .state.optim import write_optimizer_dcp, write_optimizer_tensors
 from .state.peft import save_adapter
-from .state.rng import capture_rng
+from .state.rng import RngSnapshot, capture_rng
 from .state.safetensors_io import write_safetensors
 from .state.scheduler import capture_scheduler
 from .state.sharded import save_sharded
@@ -63,6 +65,7 @@ class SaveInputs:
     dataloader: Any = None
     tokenizer: Any = None
     extra_files: dict[str, bytes] = field(default_factory=dict)
+    rng: RngSnapshot | None = None  # RNG streams to record instead of this process's (a converted checkpoint's own)
 
 
 def _prefixed(folder: str, digests: Mapping[str, tuple[int, str]]) -> Digests:
@@ -88,8 +91,9 @@ class CheckpointWriter:
 
     def __init__(
         self, config: CheckpointConfig, committer: Committer, registry: Registry, policy: RetentionPolicy, training_config: Mapping[str, Any],
+        *, ranks: distributed.Ranks = distributed.JOB,
     ) -> None:
-        self.config, self.committer, self.registry, self.policy = config, committer, registry, policy
+        self.config, self.committer, self.registry, self.policy, self.ranks = config, committer, registry, policy, ranks
         self.layout = committer.layout
         self.training_config = dict(training_config)
         self.max_shard_size = parse_size(config.max_shard_size)
@@ -101,7 +105,7 @@ class CheckpointWriter:
         step = inputs.record.step
         staging = self.layout.incomplete_dir(step)
         error = None
-        if distributed.rank() == 0:
+        if self.ranks.rank == 0:
             try:
                 self.committer.staging_dir(step)
             except (OSError, CheckpointError) as err:  # read-only dir, lock taken by another process, disk full: reported below
@@ -111,26 +115,26 @@ class CheckpointWriter:
         plan, parts, error = None, [], None
         try:
             plan = plan_save(
-                step, staging, model=inputs.model, optimizer=inputs.optimizer, scheduler=inputs.scheduler, dataloader=inputs.dataloader,
+                step, staging, self.ranks, model=inputs.model, optimizer=inputs.optimizer, scheduler=inputs.scheduler, dataloader=inputs.dataloader,
                 save_optimizer=self.config.save_optimizer, save_consolidated=self.config.save_consolidated,
             )
             parts = self._parts(plan, inputs)
         except Exception as err:  # e.g. a dataloader without state_dict(): reported to every rank below
             error = err
         self._agree(step, staging, error)
-        request = dataclasses.replace(inputs.record, model=summarize(plan), contents=plan.contents, started=started)
+        request = dataclasses.replace(inputs.record, model=summarize(plan), contents=plan.contents, world_size=plan.world_size, started=started)
         in_background = self.config.async_save
         digests: Digests = {}
         here = [part for part in parts if not (in_background and part.background)]
         # A single process writes the parts concurrently (hashing on several cores); ranks of a job one by one.
-        for part, error in run_parts(here, concurrently=not distributed.is_distributed()):
+        for part, error in run_parts(here, concurrently=not self.ranks.is_distributed):
             self._agree(step, staging, error)  # a failure is reported to every rank, then re-raised with the rank named
             digests.update(part)
             faultpoint("save.part_written")
         if in_background:
             return self._stage_for_background(plan, [part for part in parts if part.background], digests, request)
         all_digests: Digests = {}
-        for rank_digests in distributed.all_gather_object(digests):
+        for rank_digests in self.ranks.all_gather_object(digests):
             all_digests.update(rank_digests)
         error = None
         if plan.writes_shared_files:
@@ -143,13 +147,13 @@ class CheckpointWriter:
 
     def _agree(self, step: int, staging: Path, error: Exception | None) -> None:
         """Raise on every rank if any rank failed (rank 0 removes the staging directory first); else return on every rank."""
-        reports = distributed.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+        reports = self.ranks.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
         failed = {rank: report for rank, report in enumerate(reports) if report is not None}
         if not failed:
             return
-        if distributed.rank() == 0:
+        if self.ranks.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        distributed.barrier()
+        self.ranks.barrier()
         previous = self._latest()
         detail = "; ".join(f"rank {rank}: {report}" for rank, report in failed.items())
         raise CheckpointSaveError(
@@ -222,7 +226,7 @@ class CheckpointWriter:
         if not self.config.async_save:
             return
         failure = self.background.wait()
-        reports = distributed.all_gather_object(None if failure is None else (failure[0], f"{type(failure[1]).__name__}: {failure[1]}"))
+        reports = self.ranks.all_gather_object(None if failure is None else (failure[0], f"{type(failure[1]).__name__}: {failure[1]}"))
         failed = {rank: report for rank, report in enumerate(reports) if report is not None}
         if not failed:
             return
@@ -244,7 +248,7 @@ class CheckpointWriter:
         return [
             self._model_part(plan, inputs.tokenizer, inputs.extra_files),
             self._optimizer_part(plan, inputs.optimizer),
-            self._rank_state_part(plan, inputs.scheduler, inputs.dataloader),
+            self._rank_state_part(plan, inputs.scheduler, inputs.dataloader, inputs.rng),
             SavePart("model card", lambda: self._card_part(plan, inputs.record.metrics), after_others=True),  # reads config.yaml, config.json
         ]
 
@@ -292,7 +296,7 @@ class CheckpointWriter:
             )
         return SavePart("optimizer", lambda: _prefixed(OPTIM_DIR, write_optimizer_dcp(snapshot, out)), background=False)  # collective
 
-    def _rank_state_part(self, plan: SavePlan, scheduler: Any, dataloader: Any) -> SavePart:
+    def _rank_state_part(self, plan: SavePlan, scheduler: Any, dataloader: Any, rng: RngSnapshot | None) -> SavePart:
         """Small per-rank files (data position, RNG) and rank 0's scheduler and config; no collectives.
 
         Captured now as bytes (and the RNG streams as fresh tensors), written by the part.
@@ -306,7 +310,7 @@ class CheckpointWriter:
         if plan.writes_shared_files:
             document = {"checkpoint": self.config.to_dict(redact=True), "training": redact_secrets(self.training_config)}
             files[CONFIG_YAML] = yaml.safe_dump(document, sort_keys=False).encode()
-        rng_tensors, rng_metadata = capture_rng()
+        rng_tensors, rng_metadata = rng or capture_rng()
 
         def write() -> Digests:
             digests: Digests = {}
@@ -338,3 +342,28 @@ class CheckpointWriter:
             model_folder=plan.contents.deployable_dir,
         )
         return {MODEL_CARD: write_bytes(plan.staging / MODEL_CARD, str(card).encode())}  # sealed by the commit's fsync_tree
+
+
+def write_checkpoint(out: str | os.PathLike, inputs: SaveInputs, *, training_config: Mapping[str, Any] | None = None) -> Path:
+    """Write `inputs` as the standalone checkpoint directory `out`, from this process alone, whole or not at all.
+
+    The ordinary writer and commit, with default settings, in a hidden scratch run beside
+    `out` (no index, no retention, no Hub, no collectives: under `resume.mode: from_path`
+    rank 0 converts alone); then the sealed checkpoint is renamed to `out`. This is what
+    `hf_rl_ckpt.convert` produces from another framework's state.
+    """
+    out = Path(out)
+    scratch = staging_sibling(out)
+    shutil.rmtree(scratch, ignore_errors=True)
+    config = CheckpointConfig(checkpoint_dir=str(scratch), resume={"mode": "disable"})
+    layout = CheckpointLayout(scratch)
+    registry, policy = Registry(layout), RetentionPolicy(None, None)
+    committer = Committer(layout, registry, policy, Subscribers())
+    try:
+        committer.open()
+        writer = CheckpointWriter(config, committer, registry, policy, training_config or {}, ranks=distributed.THIS_PROCESS)
+        commit_directory(writer.save(inputs, time.perf_counter()), out)  # sealed by the commit
+    finally:
+        committer.lock.release()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import hf_rl_ckpt.async_save as async_save
-import hf_rl_ckpt.manager as manager_module
+import hf_rl_ckpt.write as write_module
 import hf_rl_ckpt.verify as verify_module
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, verify_checkpoint
 from hf_rl_ckpt.async_save import PART_DELAY_ENV
@@ -120,8 +120,8 @@ def test_twenty_async_saves_reuse_the_staging_buffer(tmp_path, make_objects):
         batch = next(batches)
         objs.train_step(batch)
         manager.save(step, **objs.as_kwargs())
-        manager._async.join()  # the optimizer state is staged by the background thread
-        sizes.append(manager._async.buffer.nbytes())
+        manager._writer.background.join()  # the optimizer state is staged by the background thread
+        sizes.append(manager._writer.background.buffer.nbytes())
         if step in (2, 20):
             rss[step] = _rss()
     manager.finalize()
@@ -136,14 +136,14 @@ def test_background_failure_surfaces_at_the_next_save_and_at_finalize(tmp_path, 
     objs = make_objects()
     manager = CheckpointManager(_config(tmp_path, async_save=True))
     _train(objs, 1, manager)
-    manager._async.join()  # step 1 is committed before the disk "fills up"
-    real = manager_module.write_optimizer_tensors
+    manager._writer.background.join()  # step 1 is committed before the disk "fills up"
+    real = write_module.write_optimizer_tensors
 
     def disk_full(*args, **kwargs):
         time.sleep(0.2)  # still running when save() returns: the failure can only surface later
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(manager_module, "write_optimizer_tensors", disk_full)
+    monkeypatch.setattr(write_module, "write_optimizer_tensors", disk_full)
     started = time.perf_counter()
     path = manager.save(2, **objs.as_kwargs())
     assert time.perf_counter() - started < 0.2, "save() must return before the background write finishes"
@@ -154,7 +154,7 @@ def test_background_failure_surfaces_at_the_next_save_and_at_finalize(tmp_path, 
     manager.save(3, **objs.as_kwargs())  # the failed step 3 call saved nothing; this one fails in the background too
     with pytest.raises(CheckpointSaveError, match="step 3 failed"):
         manager.finalize()
-    monkeypatch.setattr(manager_module, "write_optimizer_tensors", real)
+    monkeypatch.setattr(write_module, "write_optimizer_tensors", real)
     manager.save(4, **objs.as_kwargs())
     manager.finalize()
     assert [row.step for row in manager.checkpoints()] == [1, 4]
@@ -176,7 +176,7 @@ def test_optimizer_state_copied_in_the_background_is_the_state_as_of_save(tmp_pa
     path = manager.save(1, **objs.as_kwargs())
     started = time.perf_counter()
     objs.train_step(next(iter(objs.loader)))  # forward, backward, then step(): held until the state is staged
-    assert time.perf_counter() - started >= 0.4 and manager._async.step_waited > 0.2
+    assert time.perf_counter() - started >= 0.4 and manager._writer.background.step_waited > 0.2
     manager.finalize()
     restored = make_objects(seed=1)
     CheckpointManager(_config(tmp_path)).load(path, **restored.as_kwargs())

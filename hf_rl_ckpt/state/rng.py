@@ -21,22 +21,33 @@ from .safetensors_io import check_safetensors_header
 logger = logging.getLogger(__name__)
 
 
-def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+RngSnapshot = tuple[dict[str, torch.Tensor], dict[str, str]]
+
+
+def capture_rng() -> RngSnapshot:
     """This process's RNG streams as (tensors, safetensors header metadata), captured now.
 
     The file is written later from these values (by `write_safetensors`, maybe from the
     async writer's thread), so it records the RNG exactly where the training loop was.
     """
-    py_version, py_state, py_gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return rng_snapshot(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda)
+
+
+def rng_snapshot(python_state: tuple, numpy_state: tuple, torch_cpu: torch.Tensor, torch_cuda: list[torch.Tensor] = ()) -> RngSnapshot:
+    """Given RNG states (as `random.getstate()`, `np.random.get_state()`, `torch.get_rng_state()` return them) in the file format.
+
+    What `capture_rng` records for this process; converters record another framework's saved streams with it.
+    """
+    py_version, py_state, py_gauss = python_state
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = numpy_state
     tensors = {
         "python": torch.tensor(py_state, dtype=torch.int64),
         "numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
-        "torch_cpu": torch.get_rng_state(),
+        "torch_cpu": torch_cpu.clone(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{index}"] = state
+    for index, state in enumerate(torch_cuda):
+        tensors[f"torch_cuda_{index}"] = state
     metadata = {
         "python_version": str(py_version),
         "python_gauss_next": repr(py_gauss),
