@@ -90,6 +90,11 @@ def test_resumable_loader_file_of_before_the_format_version_resumes_exactly():
     rng_at_save.restore()  # what the checkpoint's rng/rank_<r>.safetensors does
     assert take([endless(resumed)], CONTINUE_FOR) == expected
 
+    # those files recorded no generator: a loader that has one keeps it as it is, and saves it from then on
+    with_generator = ResumableDataLoader(DataLoader(torch.arange(24), batch_size=4, shuffle=True, generator=torch.Generator()))
+    load_dataloader(with_generator, RESUMABLE_V0)
+    assert with_generator.state_dict()["epoch_start_generator"] is not None
+
 
 def test_accelerate_file_of_before_the_format_version_resumes_exactly():
     loaders, _ = accelerate_run()

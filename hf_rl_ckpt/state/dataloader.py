@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
@@ -50,7 +51,7 @@ _UNVERSIONED_POSITION_KEYS = {"epoch", "batches_in_epoch", "epoch_start_torch_rn
 _UNVERSIONED_ACCELERATE_KEY = "dataloaders"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class GlobalRngState:
     """The python, numpy and torch CPU/CUDA global RNG states, captured together to be put back together."""
 
@@ -93,7 +94,7 @@ def _rng_state_from_json(value: str | torch.Tensor | None) -> torch.Tensor | Non
     return torch.frombuffer(bytearray(base64.b64decode(value)), dtype=torch.uint8)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: RNG states are tensors, which `==` does not reduce to a bool
 class DataPosition:
     """Where one dataloader is: what a resumed run needs to hand out the same next batch.
 
@@ -104,7 +105,8 @@ class DataPosition:
         epoch_start_generator: the state of the generator the sampler shuffles with (None if it has
             none) when `epoch` began, or at a boundary its state now.
         generator_recorded: False only for positions read from `ResumableDataLoader`'s unversioned
-            files, which did not record a generator; restoring one leaves the loader's generator as it is.
+            files, which did not record a generator; restoring one leaves the loader's generator as it
+            is, to start the epoch with.
     """
 
     epoch: int
@@ -134,7 +136,7 @@ class DataPosition:
         )
 
 
-@dataclass
+@dataclasses.dataclass
 class _Replay:
     """A restored mid-epoch position being replayed: batches to fetch again, and the RNG to put back after them."""
 
@@ -191,8 +193,10 @@ class PositionTracker:
             StateMismatchError: the position was saved from a loader that shuffles with a generator
                 and this one does not, or the other way round.
         """
+        if not position.generator_recorded:  # the generator, if any, starts the epoch as it is now (what such files did)
+            position = dataclasses.replace(position, epoch_start_generator=self._generator_state(), generator_recorded=True)
         generator = self._generator()
-        if position.generator_recorded and (position.epoch_start_generator is None) != (generator is None):
+        if (position.epoch_start_generator is None) != (generator is None):
             raise StateMismatchError(
                 "the saved dataloader position does not fit this dataloader: one shuffles with a generator and the other "
                 "does not (was shuffle, the sampler or the number of processes changed?)"
@@ -331,7 +335,7 @@ class ResumableDataLoader:
         self._tracker.restore(DataPosition.from_json(state))
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class LoaderStateDict:
     """The `state_dict()` of a loader that checkpoints itself (torchdata's `StatefulDataLoader`), saved as it is."""
 
@@ -371,7 +375,7 @@ def read_dataloader_file(path: str | os.PathLike) -> list[DataPosition] | Loader
         CorruptCheckpointError: the file is missing, not JSON, or of a newer format version.
     """
     try:
-        saved = json.loads(open(path, "rb").read())
+        saved = json.loads(Path(path).read_bytes())
     except FileNotFoundError as err:
         raise CorruptCheckpointError(path, "missing: no dataloader state for this rank") from err
     except ValueError as err:
