@@ -38,23 +38,24 @@ its hooks. So no hook can keep pickles out, and `register_checkpointing`:
 Dataloader position
 -------------------
 A prepared `DataLoaderShard` calls `begin()` when an epoch starts (after synchronising the
-sampler's generator across ranks), `_update_state_dict()` for each batch it hands out, before
-fetching the next (the point where Accelerate snapshots a torchdata `StatefulDataLoader`, so
-its one-batch look-ahead is accounted for; the last batch gets a second call once
+sampler's generator across ranks), `_update_state_dict()` for each batch it fetches, before
+fetching the next (it runs one batch ahead; the last batch gets a second call once
 `end_of_dataloader` is set), and `end()` after the epoch. Wrapping those three on the
-instance yields the epoch, the batches handed out and the RNG states at the epoch start. On
-resume the interrupted epoch is replayed: generator and torch RNG go back to their epoch-start
-states, the loader's own `skip_batches` (what `skip_first_batches` uses) drops the consumed
-batches, and the checkpoint's RNG state is restored before the first new batch is fetched.
-The resumed run then sees the same batches and the same random draws as an uninterrupted one.
-Do not also call `skip_first_batches` after `load_state`: the position is already restored.
+instance tells a `PositionTracker` (`hf_rl_ckpt/state/dataloader.py`, the same record, file
+format and replay as `ResumableDataLoader`) where the loader is. On resume the interrupted
+epoch is replayed: generator and torch RNG go back to their epoch-start states, the loader's
+own `skip_batches` (what `skip_first_batches` uses) drops the consumed batches, and the
+checkpoint's RNG state is restored before the first batch that was not fetched before the
+checkpoint. The resumed run then sees the same batches and the same random draws as an
+uninterrupted one. Do not also call `skip_first_batches` after `load_state`: the position is
+already restored.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -68,6 +69,7 @@ from ..errors import CheckpointError, StateMismatchError
 from ..manager import CheckpointManager, ResumeState, create_manager
 from ..shims import DATALOADER_BATCH_HOOK, prepared, require_accelerator_internals, state_pre_hooks
 from ..state import jsoncodec
+from ..state.dataloader import DataPosition, PositionTracker
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +87,16 @@ def _then(original: Callable[[], None], hook: Callable[[], None]) -> Callable[[]
     return wrapped
 
 
-class DataLoaderPosition:
-    """Where one prepared `DataLoaderShard` is, as a `state_dict()`, and how to get back there."""
+class TrackedDataLoaderShard:
+    """The glue between one prepared `DataLoaderShard` and the `PositionTracker` that holds its position."""
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
-        self.epoch = loader.iteration
-        self.batches = 0
-        self.epoch_start_rng: torch.Tensor | None = None
-        self.epoch_start_generator: torch.Tensor | None = None
-        self._pending: dict[str, Any] | None = None  # a restored mid-epoch position, until its epoch is replayed
-        self._replay: tuple[int, torch.Tensor] | None = None  # (batches to skip, RNG to restore after them) while replaying
+        self.tracker = PositionTracker(self._generator, lookahead=1, epoch=loader.iteration)
         loader.begin = _then(loader.begin, self._on_begin)
         setattr(loader, DATALOADER_BATCH_HOOK, _then(getattr(loader, DATALOADER_BATCH_HOOK), self._on_batch))
         loader.end = _then(loader.end, self._on_end)
-        loader._hf_rl_ckpt_position = self
+        loader._hf_rl_ckpt_tracked = self
 
     def _generator(self) -> torch.Generator | None:
         """The generator that orders the epoch: the one Accelerate synchronises across ranks, else the sampler's."""
@@ -107,86 +104,44 @@ class DataLoaderPosition:
             return self.loader.synchronized_generator
         return getattr(self.loader.get_sampler(), "generator", None)
 
-    def _generator_state(self) -> torch.Tensor | None:
-        generator = self._generator()
-        return None if generator is None else generator.get_state()
-
     def _on_begin(self) -> None:
-        if self._pending is not None:
-            skip = int(self._pending["batches_in_epoch"])
-            self._replay = (skip, torch.get_rng_state())
-            torch.set_rng_state(self._pending["epoch_start_torch_rng"])
-            self._pending = None
-            self.loader.skip_batches = skip
-        self.epoch, self.batches = self.loader.iteration, 0
-        self.epoch_start_rng = torch.get_rng_state()
-        self.epoch_start_generator = self._generator_state()
+        skip = self.tracker.begin_epoch(self.loader.iteration)
+        if skip:
+            self.loader.skip_batches = skip  # what `skip_first_batches` sets: the shard fetches and drops them
 
     def _on_batch(self) -> None:
         if self.loader.end_of_dataloader:  # the second call for the last batch (Accelerate snapshots it again at the end)
             return
-        self.batches += 1
-        if self._replay is not None and self.batches > self._replay[0]:
-            self._finish_replay()
+        if self.tracker.count_batch():
+            self.loader.skip_batches = 0
 
     def _on_end(self) -> None:
-        if self._replay is not None:
-            skip = self._replay[0]
-            self._finish_replay()
-            if self.batches < skip:
-                raise CheckpointError(
-                    f"the dataloader ran out after {self.batches} batches while skipping to batch {skip} of the saved "
-                    "position; the dataset, batch size or number of processes changed since the checkpoint"
-                )
+        if self.tracker.replaying:
+            self.loader.skip_batches = 0
+        self.tracker.end_epoch(self.loader.iteration)  # the shard has counted the finished epoch by now
 
-    def _finish_replay(self) -> None:
-        assert self._replay is not None
-        self.loader.skip_batches = 0
-        torch.set_rng_state(self._replay[1])
-        self._replay = None
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._pending is not None:  # restored, and its epoch has not restarted yet
-            return dict(self._pending)
-        if self.batches and self.loader.iteration == self.epoch:  # inside an epoch (or at its last batch)
-            return {
-                "epoch": self.epoch, "batches_in_epoch": self.batches,
-                "epoch_start_torch_rng": self.epoch_start_rng, "generator": self.epoch_start_generator,
-            }
-        return {"epoch": self.loader.iteration, "batches_in_epoch": 0, "epoch_start_torch_rng": None, "generator": self._generator_state()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        generator = self._generator()
-        if (state["generator"] is None) != (generator is None):
-            raise StateMismatchError(
-                "the saved dataloader position does not fit this dataloader: one shuffles with a generator and the other "
-                "does not (was shuffle, the sampler or the number of processes changed?)"
-            )
-        if generator is not None:
-            generator.set_state(state["generator"])
-        self.loader.iteration = self.epoch = int(state["epoch"])
-        self.batches = 0
-        self._pending = dict(state) if int(state["batches_in_epoch"]) else None
+    def restore(self, position: DataPosition) -> None:
+        self.tracker.restore(position)
+        self.loader.iteration = position.epoch
 
 
 class PreparedDataLoaders:
-    """Positions of all of an accelerator's prepared dataloaders, as the one stateful object the manager saves per rank."""
+    """Positions of all of an accelerator's prepared dataloaders, saved together in each rank's dataloader file."""
 
-    def __init__(self, positions: list[DataLoaderPosition]) -> None:
-        self.positions = positions
+    def __init__(self, tracked: list[TrackedDataLoaderShard]) -> None:
+        self.tracked = tracked
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"dataloaders": [position.state_dict() for position in self.positions]}
+    def data_positions(self) -> list[DataPosition]:
+        return [shard.tracker.position() for shard in self.tracked]
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved = state["dataloaders"]
-        if len(saved) != len(self.positions):
+    def restore_data_positions(self, positions: Sequence[DataPosition]) -> None:
+        if len(positions) != len(self.tracked):
             raise StateMismatchError(
-                f"the checkpoint holds the position of {len(saved)} prepared dataloader(s) but this accelerator has "
-                f"{len(self.positions)}; prepare the same dataloaders, in the same order, as the run that saved it"
+                f"the checkpoint holds the position of {len(positions)} prepared dataloader(s) but this accelerator has "
+                f"{len(self.tracked)}; prepare the same dataloaders, in the same order, as the run that saved it"
             )
-        for position, loader_state in zip(self.positions, saved):
-            position.load_state_dict(loader_state)
+        for shard, position in zip(self.tracked, positions):
+            shard.restore(position)
 
 
 class AccelerateCheckpointing:
@@ -219,26 +174,26 @@ class AccelerateCheckpointing:
         return loader
 
     def _track(self, loader: Any) -> None:
-        if type(loader) is not DataLoaderShard or getattr(loader, "_hf_rl_ckpt_position", None) is not None:
+        if type(loader) is not DataLoaderShard or getattr(loader, "_hf_rl_ckpt_tracked", None) is not None:
             return  # other kinds are refused when saved, so an unsaved eval loader of another kind is fine
         if any(ref is loader for ref in self.accelerator.gradient_state.dataloader_references):
             raise CheckpointError(
                 "register_checkpointing was called while a prepared dataloader is being iterated; its position "
                 "cannot be known. Call it right after accelerator.prepare(), before the training loop"
             )
-        DataLoaderPosition(loader)
+        TrackedDataLoaderShard(loader)
 
     def _dataloader_state(self) -> PreparedDataLoaders | None:
-        positions = []
+        tracked = []
         for index, loader in enumerate(self.prepared.dataloaders):
-            position = getattr(loader, "_hf_rl_ckpt_position", None)
-            if position is None:
+            shard = getattr(loader, "_hf_rl_ckpt_tracked", None)
+            if shard is None:
                 raise CheckpointError(
                     f"prepared dataloader {index} is a {type(loader).__name__}, whose position hf_rl_ckpt cannot track "
                     "(only Accelerate's DataLoaderShard is supported: leave dispatch_batches off)"
                 )
-            positions.append(position)
-        return PreparedDataLoaders(positions) if positions else None
+            tracked.append(shard)
+        return PreparedDataLoaders(tracked) if tracked else None
 
     # ------------------------------------------------------------------ objects
     def _objects(self) -> dict[str, Any]:
