@@ -407,7 +407,7 @@ class RankMarkers:
                 if now - exiting_since > 60:
                     raise CheckpointSaveError(f"rank(s) {missing} never reported their part of {staging.name}; the process is exiting")
             if now > deadline:
-                raise CheckpointSaveError(f"rank(s) {missing} did not report their part of {staging.name} within {self.timeout:.0f}s (async_rank_timeout)")
+                raise CheckpointSaveError(f"rank(s) {missing} did not report their part of {staging.name} within {self.timeout:g}s (async_rank_timeout)")
             time.sleep(0.05)
         failed = {rank: report["error"] for rank, report in sorted(reports.items()) if not report["ok"]}
         if failed:
