@@ -40,8 +40,8 @@ class RetryPolicy:
     """Exponential backoff for transient failures: `attempts` tries, waiting `initial_delay`, then `factor` times longer each time, at most `max_delay`.
 
     ```python
-    >>> list(RetryPolicy(attempts=5, initial_delay=1, max_delay=5).delays())
-    [1, 2, 4, 5]
+    >>> list(RetryPolicy(attempts=5, initial_delay=1.0, max_delay=5.0).delays())
+    [1.0, 2.0, 4.0, 5.0]
 
     ```
 

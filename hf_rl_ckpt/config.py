@@ -77,6 +77,7 @@ class CheckpointConfig:
     'auto'
     >>> CheckpointConfig.from_dict({"checkpointing": {"checkpoint_dir": "out", "save_freq": 10}}).save_period
     10
+
     ```
 
     Sub-blocks (`resume:`, `hub_retry:`) may be given as dicts, as in YAML:
@@ -84,6 +85,7 @@ class CheckpointConfig:
     ```python
     >>> CheckpointConfig(hub_retry={"attempts": 3, "initial_delay": 0.5}).hub_retry.max_delay
     30.0
+
     ```
 
     Subclass it (as a dataclass) to add fields for a custom manager class.
