@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -57,13 +56,8 @@ logger = logging.getLogger("hf_rl_ckpt")
 
 Digests = dict[str, tuple[int, str]]
 
-#: Seconds rank 0's background commit waits for the other ranks' markers before giving up.
-RANK_TIMEOUT_ENV = "HF_RL_CKPT_ASYNC_RANK_TIMEOUT"
+#: Seconds rank 0's background commit waits for the other ranks' markers (`async_rank_timeout`'s default).
 DEFAULT_RANK_TIMEOUT = 1800.0
-#: Test hook: seconds the background writer sleeps after each part, to hold a write in flight.
-PART_DELAY_ENV = "HF_RL_CKPT_ASYNC_TEST_PART_DELAY"
-#: "0" copies the optimizer state inside `save` instead of before the optimizer's next step (see `DeferredCopy`).
-DEFER_ENV = "HF_RL_CKPT_ASYNC_DEFER_OPTIMIZER"
 
 
 # ---------------------------------------------------------------- parts
@@ -216,8 +210,8 @@ class DeferredCopy:
     until the copy is done (usually it already is: the copy takes a memcpy of the state,
     forward and backward take longer). The model weights are still copied inside `save`:
     other code than the optimizer may write them (weight syncs, merges, EMA swaps).
-    Set `HF_RL_CKPT_ASYNC_DEFER_OPTIMIZER=0` to copy the optimizer state inside `save` too,
-    for loops that change optimizer state outside `step()`.
+    `async_defer_optimizer_copy: false` copies the optimizer state inside `save` too, for
+    loops that change optimizer state outside `step()`.
     """
 
     def __init__(self, part: SavePart, optimizer: torch.optim.Optimizer) -> None:
@@ -254,19 +248,24 @@ class DeferredCopy:
         self._handle.remove()
 
 
-def defer_enabled() -> bool:
-    return os.environ.get(DEFER_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 # ---------------------------------------------------------------- background thread
 class AsyncCheckpointWriter:
     """Runs one checkpoint's write + commit at a time on a background thread.
 
     The thread is not a daemon: a process that leaves its training loop without calling
     `finalize()` still finishes (and commits) the save in flight before it exits.
+
+    `defer_optimizer_copy` (the config's `async_defer_optimizer_copy`): copy optimizer state
+    on the background thread before the optimizer's next step (`DeferredCopy`) rather than
+    inside `save`.
+
+    ```python
+    writer = AsyncCheckpointWriter(defer_optimizer_copy=config.async_defer_optimizer_copy)
+    ```
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, defer_optimizer_copy: bool = True) -> None:
+        self.defer_optimizer_copy = defer_optimizer_copy
         self.buffer = StagingBuffer()
         self._thread: threading.Thread | None = None
         self._failure: tuple[int, BaseException] | None = None
@@ -278,7 +277,7 @@ class AsyncCheckpointWriter:
         can be copied by the background thread before the optimizer's next step (returned; run them first)."""
         later = []
         for part in parts:
-            optimizer = _hookable(part.written_by_step) if part.tensors and defer_enabled() else None
+            optimizer = _hookable(part.written_by_step) if part.tensors and self.defer_optimizer_copy else None
             if optimizer is not None:
                 later.append(DeferredCopy(part, optimizer))
         deferred_parts = {id(copy.part) for copy in later}
@@ -351,10 +350,10 @@ def background_failure(step: int, error: BaseException, previous: Path | None) -
 
 
 def hold_for_tests() -> None:
-    """Sleep `HF_RL_CKPT_ASYNC_TEST_PART_DELAY` seconds (tests hold a background write in flight with it)."""
-    delay = os.environ.get(PART_DELAY_ENV)
-    if delay:
-        time.sleep(float(delay))
+    """Does nothing; kept only while `CheckpointManager._write_and_commit` still calls it (to be deleted with that call).
+
+    Tests hold a background write in flight by arming `faultpoint.sleep` at `save.part_written`.
+    """
 
 
 # ---------------------------------------------------------------- cross-rank completion
@@ -365,10 +364,18 @@ class RankMarkers:
     their digests) or when it failed (with the error); rank 0's thread commits once every
     rank reported success. Files, not collectives: a background thread must never join a
     collective that could interleave with the training loop's own.
+
+    `timeout`: seconds rank 0 waits for the other ranks' markers before giving up (the
+    config's `async_rank_timeout`).
+
+    ```python
+    markers = RankMarkers(staging, timeout=parse_duration(config.async_rank_timeout, "async_rank_timeout"))
+    ```
     """
 
-    def __init__(self, staging: Path) -> None:
+    def __init__(self, staging: Path, *, timeout: float = DEFAULT_RANK_TIMEOUT) -> None:
         self.root = staging.parent / f"{staging.name}.ranks"
+        self.timeout = timeout
 
     def reset(self) -> None:
         """Rank 0, before the ranks start writing: remove markers of an earlier attempt at the same step."""
@@ -379,10 +386,9 @@ class RankMarkers:
         body = {"rank": rank, "ok": error is None, "digests": digests or {}, "error": None if error is None else f"{type(error).__name__}: {error}"}
         atomic_write_json(self.root / f"rank_{rank}.json", body)
 
-    def collect(self, world_size: int, staging: Path, timeout: float | None = None) -> Digests:
+    def collect(self, world_size: int, staging: Path) -> Digests:
         """Rank 0: wait until every rank reported; return their digests, or raise naming the ranks that failed."""
-        timeout = float(os.environ.get(RANK_TIMEOUT_ENV, DEFAULT_RANK_TIMEOUT)) if timeout is None else timeout
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.timeout
         exiting_since: float | None = None
         reports: dict[int, dict[str, Any]] = {}
         while True:
@@ -401,7 +407,7 @@ class RankMarkers:
                 if now - exiting_since > 60:
                     raise CheckpointSaveError(f"rank(s) {missing} never reported their part of {staging.name}; the process is exiting")
             if now > deadline:
-                raise CheckpointSaveError(f"rank(s) {missing} did not report their part of {staging.name} within {timeout:.0f}s")
+                raise CheckpointSaveError(f"rank(s) {missing} did not report their part of {staging.name} within {self.timeout:g}s (async_rank_timeout)")
             time.sleep(0.05)
         failed = {rank: report["error"] for rank, report in sorted(reports.items()) if not report["ok"]}
         if failed:

@@ -20,6 +20,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from .background import RetryPolicy
 from .errors import ConfigError
 from .layout import parse_name_template
 
@@ -76,6 +77,15 @@ class CheckpointConfig:
     'auto'
     >>> CheckpointConfig.from_dict({"checkpointing": {"checkpoint_dir": "out", "save_freq": 10}}).save_period
     10
+
+    ```
+
+    Sub-blocks (`resume:`, `hub_retry:`) may be given as dicts, as in YAML:
+
+    ```python
+    >>> CheckpointConfig(hub_retry={"attempts": 3, "initial_delay": 0.5}).hub_retry.max_delay
+    30.0
+
     ```
 
     Subclass it (as a dataclass) to add fields for a custom manager class.
@@ -91,6 +101,8 @@ class CheckpointConfig:
     save_consolidated: bool = True
     save_optimizer: bool = True
     async_save: bool = False
+    async_defer_optimizer_copy: bool = True
+    async_rank_timeout: str = "00:30:00"
     sync_weight_path: str | None = None
     sync_weight_period: int = 1
     model_cache_dir: str | None = None
@@ -106,6 +118,7 @@ class CheckpointConfig:
     hub_token: str | None = field(default=None, repr=False)
     hub_push_training_state: bool = False
     hub_keep_evicted: bool = False
+    hub_retry: RetryPolicy = field(default_factory=RetryPolicy)
     checkpoint_manager_class: str | None = None
 
     #: Keys accepted under other names: NeMo-RL/NexRL spellings -> field.
@@ -117,7 +130,9 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.resume, Mapping):
-            self.resume = _build(ResumeConfig, dict(self.resume), "resume")
+            self.resume = _build(ResumeConfig, dict(self.resume), "resume.")
+        if isinstance(self.hub_retry, Mapping):
+            self.hub_retry = _build(RetryPolicy, dict(self.hub_retry), "hub_retry.")
         for f in dataclasses.fields(self):
             _check_type(type(self), f.name, getattr(self, f.name))
         for f in dataclasses.fields(self.resume):
@@ -145,6 +160,8 @@ class CheckpointConfig:
             raise ConfigError("resume.mode is 'from_path' but resume.resume_path is empty; set it to a checkpoint directory.")
         if self.checkpoint_must_save_by is not None:
             parse_duration(self.checkpoint_must_save_by, field_name="checkpoint_must_save_by")
+        if parse_duration(self.async_rank_timeout, field_name="async_rank_timeout") <= 0:
+            raise ConfigError(f"async_rank_timeout must be longer than zero (got {self.async_rank_timeout!r}); e.g. '00:30:00' for 30 minutes.")
         parse_size(self.max_shard_size)
         if self.checkpoint_manager_class is not None and "." not in self.checkpoint_manager_class:
             raise ConfigError(
@@ -239,9 +256,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         if name in kwargs:
             raise ConfigError(f"'{prefix}{name}' is given twice (as '{key}' and under another name); keep one.")
         kwargs[name] = value
-    if prefix == "" and isinstance(kwargs.get("resume"), Mapping):
-        kwargs["resume"] = _build(ResumeConfig, dict(kwargs["resume"]), "resume.")
-    return cls(**kwargs)
+    if prefix == "":
+        return cls(**kwargs)  # sub-blocks given as mappings are built by CheckpointConfig.__post_init__
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a sub-block's own check names the field without its block
+        raise ConfigError(f"{prefix}{err}") from err
 
 
 def _check_type(cls: type, name: str, value: Any, prefix: str = "") -> None:
@@ -284,6 +304,8 @@ def _describe(expected: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(expected))
     if expected is type(None):
         return "null"
+    if dataclasses.is_dataclass(expected):  # a sub-block: resume, hub_retry
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(expected))
     return getattr(expected, "__name__", str(expected))
 
 

@@ -1,23 +1,33 @@
-"""Named kill points for fault-injection tests: no-ops unless `HF_RL_CKPT_FAULT_POINT` is set.
+"""Named fault points of the save path: no-ops until a test arms one.
 
 Crash safety is a claim about every instant of a save. Random SIGKILLs test it broadly but
 rarely land in the narrow windows that matter most (between the fsync and the rename,
 between the rename and the registry write, in the middle of an eviction). The save path
-therefore calls `faultpoint("<phase>")` at each of those boundaries; a test process sets
+therefore calls `faultpoint("<phase>")` at each of those boundaries, and a test arms the
+point it wants with an action: a real SIGKILL (`kill`), a pause that holds a background
+write in flight (`sleep`), or an exception (`fail`).
 
-    HF_RL_CKPT_FAULT_POINT=commit.before_rename       # die at the first hit
-    HF_RL_CKPT_FAULT_POINT=commit.before_rename@3     # die at the third hit (two saves commit first)
+```python
+>>> from hf_rl_ckpt import faultpoint
+>>> faultpoint.arm("commit.before_rename", faultpoint.fail(OSError("disk gone")), at_hit=2)  # doctest: +SKIP
+>>> faultpoint.disarm()  # doctest: +SKIP
+```
 
-and the process SIGKILLs itself there: a real kill, nothing mocked, no cleanup handlers run.
-Without the variable a call is one dictionary lookup.
+Subprocess tests arm a SIGKILL on the command line with `python -m hf_rl_ckpt.testing.crash
+--at commit.before_rename@3 -- script.py` (see `hf_rl_ckpt.testing.crash`). Nothing reads
+the environment: an unarmed call costs one truth test of an empty dict.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
 
-ENV_VAR = "HF_RL_CKPT_FAULT_POINT"
+Action = Callable[[], None]
 
 #: The points an ordinary save passes, in the order it passes them.
 FAULT_POINTS = (
@@ -37,17 +47,73 @@ REPLACE_POINTS = (
     "replace.swapped",  # the new directory in place and durable, the old one not yet deleted
 )
 
-_hits: dict[str, int] = {}
+
+@dataclass
+class _Armed:
+    action: Action
+    at_hit: int
+    hits: int = 0
+
+
+_armed: dict[str, _Armed] = {}
+_lock = threading.Lock()  # parts are written on several threads, each passing `save.part_written`
 
 
 def faultpoint(name: str) -> None:
-    """SIGKILL this process if `HF_RL_CKPT_FAULT_POINT` names `name` (at its Nth hit with `name@N`)."""
-    spec = os.environ.get(ENV_VAR)
-    if not spec:
+    """Run the action armed at `name` if this is the hit it was armed for; otherwise do nothing."""
+    if not _armed:
         return
-    target, _, nth = spec.partition("@")
-    if target != name:
-        return
-    _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    with _lock:
+        armed = _armed.get(name)
+        if armed is None:
+            return
+        armed.hits += 1
+        if armed.hits != armed.at_hit:
+            return
+    armed.action()  # outside the lock: a sleeping action must not hold up other threads' points
+
+
+def arm(name: str, action: Action, *, at_hit: int = 1) -> None:
+    """Run `action` at the `at_hit`-th time the save path passes `name` (counted from now), once.
+
+    ```python
+    >>> arm("save.part_written", sleep(60), at_hit=1)   # doctest: +SKIP
+    ```
+
+    Raises:
+        ValueError: `name` is not one of `FAULT_POINTS`, or `at_hit` is below 1.
+    """
+    if name not in FAULT_POINTS + REPLACE_POINTS:
+        raise ValueError(f"unknown fault point {name!r}; the library calls {', '.join(FAULT_POINTS + REPLACE_POINTS)}")
+    if at_hit < 1:
+        raise ValueError(f"at_hit counts from 1 (got {at_hit})")
+    with _lock:
+        _armed[name] = _Armed(action, at_hit)
+
+
+def disarm(name: str | None = None) -> None:
+    """Disarm `name`, or every point when no name is given."""
+    with _lock:
+        if name is None:
+            _armed.clear()
+        else:
+            _armed.pop(name, None)
+
+
+def kill() -> None:
+    """SIGKILL this process: a real kill, nothing mocked, no clean-up handlers run."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep(seconds: float) -> Action:
+    """An action that pauses the thread passing the point (e.g. to hold a background write in flight)."""
+    return lambda: time.sleep(seconds)
+
+
+def fail(error: BaseException) -> Action:
+    """An action that raises `error` in the thread passing the point."""
+
+    def raise_error() -> None:
+        raise error
+
+    return raise_error

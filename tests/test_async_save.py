@@ -21,9 +21,7 @@ import hf_rl_ckpt.async_save as async_save
 import hf_rl_ckpt.write as write_module
 import hf_rl_ckpt.verify as verify_module
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, verify_checkpoint
-from hf_rl_ckpt.async_save import PART_DELAY_ENV
 from hf_rl_ckpt.errors import CheckpointSaveError
-from hf_rl_ckpt.faultpoint import ENV_VAR as FAULT_ENV
 from hf_rl_ckpt.layout import TRAINING_INFO
 from hf_rl_ckpt.state.optim import capture_optimizer
 
@@ -229,10 +227,10 @@ def test_resume_reads_tensor_files_once_and_still_refuses_damage_before_loading(
 
 _CHILD = textwrap.dedent(
     """
-    import os, sys
+    import sys
     from pathlib import Path
     from training_objects import make_training_objects
-    from hf_rl_ckpt import CheckpointConfig, CheckpointManager
+    from hf_rl_ckpt import CheckpointConfig, CheckpointManager, faultpoint
 
     ckpt, ready, delay = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     objs = make_training_objects()
@@ -244,7 +242,7 @@ _CHILD = textwrap.dedent(
         if step <= 3:
             if step == 3 and delay != "0":
                 manager.finalize(terminate=False)  # step 2 is committed; only the step-3 write is held
-                os.environ["HF_RL_CKPT_ASYNC_TEST_PART_DELAY"] = delay  # the background write of step 3 stalls mid-way
+                faultpoint.arm("save.part_written", faultpoint.sleep(float(delay)))  # the background write of step 3 stalls mid-way
             manager.save(step, **objs.as_kwargs())
             if step == 3:
                 ready.write_text("returned")  # save() is back; training goes on while step 3 is being written
@@ -257,17 +255,18 @@ def test_crash_during_an_async_write_keeps_the_previous_checkpoint(tmp_path, mak
     script, ckpt, ready = tmp_path / "child.py", tmp_path / "ckpt", tmp_path / "ready"
     script.write_text(_CHILD)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    env.pop(PART_DELAY_ENV, None)
+    crash = []
     if how == "faultpoint-in-background-thread":
-        env[FAULT_ENV] = "save.part_written@10"  # 4 parts per save: the 2nd part (optimizer) of step 3, in the writer thread
-    proc = subprocess.Popen([sys.executable, str(script), str(ckpt), str(ready), "60" if how.startswith("sigkill") else "0"], cwd=TESTS, env=env)
+        # 4 parts per save: the 2nd part (optimizer) of step 3, in the writer thread
+        crash = ["-m", "hf_rl_ckpt.testing.crash", "--at", "save.part_written@10", "--"]
+    proc = subprocess.Popen([sys.executable, *crash, str(script), str(ckpt), str(ready), "60" if how.startswith("sigkill") else "0"], cwd=TESTS, env=env)
     try:
         deadline = time.monotonic() + 120
         if how.startswith("sigkill"):
             while not (ready.exists() and ready.read_text() == "returned"):
                 assert proc.poll() is None and time.monotonic() < deadline, "child died or never reached step 3"
                 time.sleep(0.02)
-            time.sleep(0.3)  # training runs on; the step-3 write is held in flight by the test hook
+            time.sleep(0.3)  # training runs on; the step-3 write is held in flight by the armed sleep
             assert (ckpt / ".incomplete" / "step_3").is_dir(), "the step-3 write should be in flight"
             proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=max(1.0, deadline - time.monotonic())) == -signal.SIGKILL
@@ -282,3 +281,35 @@ def test_crash_during_an_async_write_keeps_the_previous_checkpoint(tmp_path, mak
     state = manager.resume(**objs.as_kwargs())
     assert state.step == 2
     verify_checkpoint(ckpt / "step_2")
+
+
+def test_optimizer_state_is_copied_inside_save_when_deferring_is_off(make_objects):
+    """`async_defer_optimizer_copy: false`: the writer stages the optimizer state at once, leaving no step hook behind."""
+    objs = make_objects()
+    _train(objs, 1)
+
+    def optimizer_part() -> async_save.SavePart:
+        state = capture_optimizer(objs.model, objs.optimizer).tensors
+        return async_save.SavePart("optimizer", write=lambda tensors: {}, tensors=state, written_by_step=objs.optimizer)
+
+    deferring = async_save.AsyncCheckpointWriter()
+    assert len(deferring.stage([optimizer_part()])) == 1
+    deferring.close()
+    eager = async_save.AsyncCheckpointWriter(defer_optimizer_copy=False)
+    part = optimizer_part()
+    assert eager.stage([part]) == []
+    assert eager.buffer.nbytes() == sum(t.numel() * t.element_size() for t in part.tensors.values()) > 0
+    eager.close()
+
+
+def test_rank_markers_give_up_after_the_rank_timeout(tmp_path):
+    staging = tmp_path / ".incomplete" / "step_1"
+    staging.mkdir(parents=True)
+    markers = async_save.RankMarkers(staging, timeout=0.2)
+    markers.report(0, {"a.json": (2, "ab")}, None)
+    started = time.monotonic()
+    with pytest.raises(CheckpointSaveError, match=r"rank\(s\) \[1\] did not report their part of step_1 within 0.2s \(async_rank_timeout\)"):
+        markers.collect(2, staging)
+    assert time.monotonic() - started < 5
+    markers.report(1, {"b.json": (3, "cd")}, None)
+    assert markers.collect(2, staging) == {"a.json": (2, "ab"), "b.json": (3, "cd")}

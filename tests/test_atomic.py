@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from hf_rl_ckpt.atomic import atomic_directory, atomic_write_bytes, commit_directory, recover_parked
-from hf_rl_ckpt.faultpoint import ENV_VAR as FAULT_ENV
 from hf_rl_ckpt.faultpoint import REPLACE_POINTS
 
 OLD = {"config.json": "old", "model.safetensors": "old weights"}
@@ -105,10 +104,8 @@ def _run_child(tmp_path: Path, how: str, fault: str | None = None) -> None:
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env.pop(FAULT_ENV, None)
-    if fault is not None:
-        env[FAULT_ENV] = fault
-    result = subprocess.run([sys.executable, str(script), how, str(tmp_path / "root")], env=env, timeout=120, capture_output=True, text=True)
+    armed = ["-m", "hf_rl_ckpt.testing.crash", "--at", fault, "--"] if fault is not None else []
+    result = subprocess.run([sys.executable, *armed, str(script), how, str(tmp_path / "root")], env=env, timeout=120, capture_output=True, text=True)
     assert result.returncode == -signal.SIGKILL, result.stderr
 
 

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, ConfigError, verify_checkpoint
 from hf_rl_ckpt.cli import main as cli_main
-from hf_rl_ckpt.hub import publish
+from hf_rl_ckpt.hub import HubEntry, HubState
 from hf_rl_ckpt.retention import RetentionPolicy
 from hf_rl_ckpt.testing import tiny
 from hf_rl_ckpt.testing.hub_server import HubServer, hub_env
@@ -38,9 +38,8 @@ TOKEN = "hf_test_token_0123456789"
 REWARDS = [0.1, 0.5, 0.3, 0.9, 0.2]  # top-2: steps 4 and 2; step 3 enters the top-2 and leaves it again
 
 
-@pytest.fixture(autouse=True)
-def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(publish, "DEFAULT_RETRY", publish.RetryPolicy(initial=0.01, factor=2.0, max_delay=0.05, attempts=5))
+#: Retries of a test Hub's injected failures: 5 tries within a fraction of a second.
+FAST_RETRY = {"attempts": 5, "initial_delay": 0.01, "max_delay": 0.05}
 
 
 @pytest.fixture
@@ -55,7 +54,9 @@ def tokenizer():
 
 
 def hub_config(tmp_path: Path, **overrides) -> CheckpointConfig:
-    fields = dict(checkpoint_dir=str(tmp_path / "ckpt"), metric_name="val_reward", keep_top_k=2, push_to_hub=True, hub_model_id=REPO)
+    fields = dict(
+        checkpoint_dir=str(tmp_path / "ckpt"), metric_name="val_reward", keep_top_k=2, push_to_hub=True, hub_model_id=REPO, hub_retry=FAST_RETRY,
+    )
     return CheckpointConfig(**{**fields, **overrides})
 
 
@@ -111,6 +112,27 @@ def assert_published(api: HfApi, tmp_path: Path, best: int, others: list[int]) -
         s: ("pushed", refs[f"step-{s}"]) for s in [best, *others]
     }
     assert hub["main"]["step"] == best and hub["main"]["commit"] == refs["main"]
+
+
+def test_hub_state_reads_and_writes_the_stored_section_unchanged() -> None:
+    """checkpoints.json's `hub` section, as earlier releases wrote it, round-trips through the typed HubState byte for byte."""
+    at = "2026-01-01T00:00:00+00:00"
+    stored = {
+        "repo_id": REPO,
+        "steps": {
+            "4": {"status": "pushed", "branch": "step-4", "commit": "c4", "fingerprint": "f4", "updated_at": at},
+            "2": {"status": "failed", "branch": "step-2", "updated_at": at, "error": "could not push step-2: HTTP 413"},
+            "1": {"status": "pushed", "branch": "step-1", "commit": "c1", "fingerprint": "f1", "updated_at": at, "evicted": True},
+            "5": {"status": "pending", "branch": "step-5"},
+        },
+        "main": {"step": 4, "commit": "c4", "fingerprint": "f4", "updated_at": at},
+    }
+    state = HubState.from_json(json.loads(json.dumps(stored)), REPO)
+    assert state.steps[4] == HubEntry(4, "step-4", "pushed", commit="c4", fingerprint="f4", updated_at=at)
+    assert state.steps[1].evicted and state.steps[2].error and state.main is not None and state.main.step == 4
+    assert json.dumps(state.to_json()) == json.dumps(stored)
+    assert HubState.from_json(stored, "someone/else") == HubState("someone/else")  # another repo's section: start afresh
+    assert HubState.from_json(None, REPO).to_json() == {"repo_id": REPO, "steps": {}, "main": None}
 
 
 def test_push_to_hub_requires_a_repo_id() -> None:
@@ -374,11 +396,10 @@ def test_push_command_refuses_a_bad_repo_id_before_any_request(server: HubServer
 PUBLISHING_CHILD = """
 import sys
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager
-from hf_rl_ckpt.hub import publish
 from hf_rl_ckpt.testing import tiny
 
-publish.DEFAULT_RETRY = publish.RetryPolicy(initial=0.2, factor=1.0, max_delay=0.2, attempts=int(sys.argv[3]))
-config = CheckpointConfig(checkpoint_dir=sys.argv[1], push_to_hub=True, hub_model_id="alice/logged", hub_endpoint=sys.argv[2])
+retry = {"attempts": int(sys.argv[3]), "initial_delay": 0.2, "max_delay": 0.2}
+config = CheckpointConfig(checkpoint_dir=sys.argv[1], push_to_hub=True, hub_model_id="alice/logged", hub_endpoint=sys.argv[2], hub_retry=retry)
 manager = CheckpointManager(config)
 manager.save(1, model=tiny.build_model("llama", seed=0), tokenizer=tiny.build_tokenizer())
 manager.finalize()

@@ -13,8 +13,10 @@ publish_checkpoint("runs/ckpt/step_40", "alice/my-run", revision="step-40")
 from .card import Leaderboard, branch_for, render_model_card
 from .publish import (
     HubAuthError,
+    HubEntry,
     HubPublishError,
     HubPublisher,
+    HubState,
     HubUnavailableError,
     RetryPolicy,
     checkpoint_files,
@@ -23,8 +25,10 @@ from .publish import (
 
 __all__ = [
     "HubAuthError",
+    "HubEntry",
     "HubPublishError",
     "HubPublisher",
+    "HubState",
     "HubUnavailableError",
     "Leaderboard",
     "RetryPolicy",

@@ -9,18 +9,20 @@ tokenizer and config, and the model card README.md; the rest of the checkpoint g
 revision="step-N")` and `vllm serve repo --revision step-N` work as they are.
 
 How training is kept out of it: `CheckpointManager.save` calls `HubPublisher.enqueue`, which
-records pending pushes in the `hub` section of `checkpoints.json` (local I/O only) and wakes
-a worker thread. The worker reconciles the Hub with the registry: it pushes the leaderboard's
-branches that are not up to date, moves `main` to the best checkpoint, deletes evicted
-branches. Reconciling (rather than replaying a list of tasks) makes requests coalesce (three
-saves during one slow upload become one pass that publishes only what is still retained),
-makes every action idempotent (a retry redoes it, a restart reruns the pass), and needs no
-journal beyond the per-step status: a new process finishes whatever was pending.
+records pending pushes in the `hub` section of `checkpoints.json` (local I/O only, typed as
+`HubState`) and submits one reconciling pass to a `BackgroundWorker`. The pass reconciles
+the Hub with the registry: it pushes the leaderboard's branches that are not up to date,
+moves `main` to the best checkpoint, deletes evicted branches. Reconciling (rather than
+replaying a list of tasks) makes requests coalesce (three saves during one slow upload
+become one pass that publishes only what is still retained), makes every action idempotent
+(a retry redoes it, a restart reruns the pass), and needs no journal beyond the per-step
+status: a new process finishes whatever was pending.
 
-Failures: 5xx, 429, timeouts and connection errors are retried with exponential backoff;
-when the budget runs out the pass stops and its pushes stay pending (retried at the next
-save, at the next start, or by `hf-rl-ckpt push`). A 401/403 is reported once, as one ERROR
-line that says what to fix, and stops publishing for the process; training goes on.
+Failures: 5xx, 429, timeouts and connection errors are retried request by request with
+exponential backoff (`config.hub_retry`, a `RetryPolicy`); when the budget runs out the
+pass stops and its pushes stay pending (retried at the next save, at the next start, or by
+`hf-rl-ckpt push`). A 401/403 is reported once, as one ERROR line that says what to fix,
+and stops publishing for the process; training goes on.
 
 Bytes: each branch update is one `create_commit`. Files are added from the checkpoint with
 the sha256 its manifest already holds (the client would otherwise read every weight file
@@ -33,16 +35,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import sys
 import threading
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Literal, Mapping, TypeVar
+from typing import Any, Callable, ContextManager, Hashable, Literal, Mapping, TypeVar
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
@@ -51,6 +52,7 @@ from huggingface_hub.utils import disable_progress_bars
 from tqdm.auto import tqdm
 
 from ..atomic import sha256_file
+from ..background import BackgroundWorker, RetryPolicy
 from ..config import CheckpointConfig, check_repo_id
 from ..errors import CheckpointError, CorruptCheckpointError
 from ..events import CheckpointCommitted, CheckpointEvicted, Subscriber
@@ -67,6 +69,7 @@ logger = logging.getLogger("hf_rl_ckpt")
 MAIN = "main"
 TRAINING_STATE_DIR = "training_state"
 PENDING, PUSHED, FAILED = "pending", "pushed", "failed"
+PushStatus = Literal["pending", "pushed", "failed"]
 _KEEP_ON_HUB = {".gitattributes"}
 _T = TypeVar("_T")
 
@@ -83,32 +86,97 @@ class HubPublishError(CheckpointError):
     """The Hub refused a request for another reason (e.g. 400/404/413); retrying the same request will not help."""
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff for transient Hub failures: `attempts` tries, waiting `initial`, `initial*factor`, ... (capped).
+_TRANSPORT_ERRORS = (HfHubHTTPError, httpx2.TransportError, ConnectionError, TimeoutError)
+
+
+# ====================================================================== publishing state (the `hub` section of checkpoints.json)
+@dataclass
+class HubEntry:
+    """The publishing state of one checkpoint's branch, stored under `hub.steps["<step>"]` in checkpoints.json.
+
+    `status` is `pending` until the branch holds the checkpoint (`pushed`, with its `commit`
+    and the `fingerprint` of what was pushed) or a push was refused (`failed`, with the
+    `error`); `evicted` marks a pushed branch kept after its checkpoint left the leaderboard
+    (`hub_keep_evicted`).
+    """
+
+    step: int
+    branch: str
+    status: PushStatus = PENDING
+    commit: str | None = None
+    fingerprint: str | None = None
+    updated_at: str | None = None
+    error: str | None = None
+    evicted: bool = False
+
+    @classmethod
+    def from_json(cls, step: int, data: Mapping[str, Any]) -> "HubEntry":
+        return cls(
+            step=step, branch=data.get("branch") or branch_for(step), status=data.get("status", PENDING), commit=data.get("commit"),
+            fingerprint=data.get("fingerprint"), updated_at=data.get("updated_at"), error=data.get("error"), evicted=bool(data.get("evicted")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form: the step is the key, unset fields are left out (as files written before this class have them)."""
+        optional = {"commit": self.commit, "fingerprint": self.fingerprint, "updated_at": self.updated_at, "error": self.error}
+        return {
+            "status": self.status, "branch": self.branch,
+            **{key: value for key, value in optional.items() if value is not None},
+            **({"evicted": True} if self.evicted else {}),
+        }
+
+
+@dataclass
+class HubMain:
+    """What `main` holds: the best checkpoint's `step`, pushed as `commit` with that content's `fingerprint`."""
+
+    step: int
+    commit: str
+    fingerprint: str
+    updated_at: str
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "HubMain":
+        return cls(step=int(data["step"]), commit=data.get("commit", ""), fingerprint=data.get("fingerprint", ""), updated_at=data.get("updated_at", ""))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "commit": self.commit, "fingerprint": self.fingerprint, "updated_at": self.updated_at}
+
+
+@dataclass
+class HubState:
+    """The `hub` section of checkpoints.json: the run's repo, one `HubEntry` per published step, and `main`.
 
     ```python
-    >>> list(RetryPolicy(initial=1, factor=2, max_delay=5, attempts=5).delays())
-    [1, 2, 4, 5]
+    >>> state = HubState.from_json({"repo_id": "alice/run", "steps": {"40": {"status": "pushed", "branch": "step-40"}}, "main": None}, "alice/run")
+    >>> state.steps[40].status
+    'pushed'
+    >>> HubState.from_json(None, "alice/run").steps   # no section yet, or one of another repo: start afresh
+    {}
 
     ```
     """
 
-    initial: float = 1.0
-    factor: float = 2.0
-    max_delay: float = 30.0
-    attempts: int = 8
+    repo_id: str
+    steps: dict[int, HubEntry] = field(default_factory=dict)
+    main: HubMain | None = None
 
-    def delays(self) -> Iterator[float]:
-        """The waits between consecutive attempts (one fewer than `attempts`)."""
-        delay = self.initial
-        for _ in range(self.attempts - 1):
-            yield min(delay, self.max_delay)
-            delay *= self.factor
+    @classmethod
+    def from_json(cls, data: Any, repo_id: str) -> "HubState":
+        """The section as stored (None when absent); a section of another repo (or malformed) reads as empty."""
+        if not (isinstance(data, Mapping) and data.get("repo_id") == repo_id and isinstance(data.get("steps"), Mapping)):
+            return cls(repo_id)
+        steps = {int(key): HubEntry.from_json(int(key), entry) for key, entry in data["steps"].items()}
+        main = HubMain.from_json(data["main"]) if isinstance(data.get("main"), Mapping) and "step" in data["main"] else None
+        return cls(repo_id, steps, main)
 
-
-#: Backoff of the worker and of `hf-rl-ckpt push`: about 1.5 minutes of retries before giving up (tests shorten it).
-DEFAULT_RETRY = RetryPolicy()
+    def to_json(self) -> dict[str, Any]:
+        """The stored form: steps keyed by `str(step)`."""
+        return {
+            "repo_id": self.repo_id,
+            "steps": {str(step): entry.to_json() for step, entry in self.steps.items()},
+            "main": None if self.main is None else self.main.to_json(),
+        }
 
 
 # ====================================================================== what a branch holds
@@ -178,10 +246,10 @@ def checkpoint_files(ckpt_dir: str | Path, *, include_training_state: bool = Fal
 
 # ====================================================================== Hub operations
 class HubRepo:
-    """The Hub operations of publishing on one repo, each retried on transient failures.
+    """The Hub operations of publishing on one repo, each retried on transient failures per `retry`.
 
     ```python
-    repo = HubRepo(HfApi(), "alice/my-run", DEFAULT_RETRY)
+    repo = HubRepo(HfApi(), "alice/my-run", RetryPolicy(attempts=5))
     repo.prepare(private=True)
     sha = repo.push("step-40", upload, "step 40")
     ```
@@ -230,24 +298,30 @@ class HubRepo:
 
     def call(self, what: str, fn: Callable[[], _T]) -> _T:
         """`fn()`, retried with backoff on transient failures; Hub errors become typed, actionable errors."""
-        for attempt, delay in enumerate(chain(self.retry.delays(), [None])):
-            try:
-                with _client_progress_bars(retrying=attempt > 0):
-                    return fn()
-            except (HfHubHTTPError, httpx2.TransportError, ConnectionError, TimeoutError) as err:
-                kind, reason = classify(err), describe(err, self.api.token if isinstance(self.api.token, str) else None)
-                if kind == "auth":
-                    raise HubAuthError(
-                        f"the Hub refused the credentials ({reason}) for {self.repo_id}. Check hub_token / HF_TOKEN "
-                        f"(or `hf auth login`) and that the token has write access to {self.repo_id}"
-                    ) from err
-                if kind == "permanent":
-                    raise HubPublishError(f"could not {what} on {self.repo_id}: {reason}") from err
-                if delay is None:
-                    raise HubUnavailableError(f"could not {what} on {self.repo_id} after {self.retry.attempts} attempts: {reason}") from err
-                logger.info("Hub: could not %s on %s (%s); retrying in %.1fs", what, self.repo_id, reason, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        attempts = itertools.count()
+
+        def attempt() -> _T:
+            with _client_progress_bars(retrying=next(attempts) > 0):
+                return fn()
+
+        def log_retry(err: Exception, delay: float) -> None:
+            logger.info("Hub: could not %s on %s (%s); retrying in %.1fs", what, self.repo_id, self._describe(err), delay)
+
+        try:
+            return self.retry.call(attempt, transient=lambda err: isinstance(err, _TRANSPORT_ERRORS) and classify(err) == "transient", on_retry=log_retry)
+        except _TRANSPORT_ERRORS as err:
+            kind, reason = classify(err), self._describe(err)
+            if kind == "auth":
+                raise HubAuthError(
+                    f"the Hub refused the credentials ({reason}) for {self.repo_id}. Check hub_token / HF_TOKEN "
+                    f"(or `hf auth login`) and that the token has write access to {self.repo_id}"
+                ) from err
+            if kind == "permanent":
+                raise HubPublishError(f"could not {what} on {self.repo_id}: {reason}") from err
+            raise HubUnavailableError(f"could not {what} on {self.repo_id} after {self.retry.attempts} attempts: {reason}") from err
+
+    def _describe(self, err: BaseException) -> str:
+        return describe(err, self.api.token if isinstance(self.api.token, str) else None)
 
 
 def _client_progress_bars(retrying: bool) -> ContextManager[object]:
@@ -305,11 +379,13 @@ def publish_checkpoint(
     include_training_state: bool = False,
     token: str | None = None,
     endpoint: str | None = None,
+    retry: RetryPolicy = RetryPolicy(),
 ) -> str:
     """Push one checkpoint to `revision` of `repo_id` now (what `hf-rl-ckpt push` runs); returns the commit sha.
 
     The checkpoint is verified first (sizes and sha256): the manifest's digests are what
-    the Hub is told the files hash to. The card lists this checkpoint only.
+    the Hub is told the files hash to. The card lists this checkpoint only. Each request is
+    retried per `retry` on transient failures (by default about 1.5 minutes of retries).
 
     ```python
     >>> publish_checkpoint("runs/ckpt/step_40", "alice/my-run", revision="step-40")   # doctest: +SKIP
@@ -329,7 +405,7 @@ def publish_checkpoint(
     board = Leaderboard.single(step, metrics, _policy_of(ckpt_dir), branch=revision)
     card = render_model_card(ckpt_dir, step=step, metrics=metrics, leaderboard=board, repo_id=repo_id, revision=revision)
     upload = CheckpointUpload(step, checkpoint_files(ckpt_dir, include_training_state=include_training_state), str(card).encode())
-    repo = HubRepo(HfApi(endpoint=endpoint, token=token, library_name="hf_rl_ckpt"), repo_id, DEFAULT_RETRY)
+    repo = HubRepo(HfApi(endpoint=endpoint, token=token, library_name="hf_rl_ckpt"), repo_id, retry)
     repo.prepare(private=private)
     return repo.push(revision, upload, f"hf_rl_ckpt: step {step} ({ckpt_dir.name})")
 
@@ -354,11 +430,12 @@ class _Action:
 
 
 class HubPublisher:
-    """Mirrors a run's leaderboard to its Hub repo from a worker thread (rank 0 only).
+    """Mirrors a run's leaderboard to its Hub repo from a background worker (rank 0 only).
 
     The manager owns it: `enqueue()` after each commit, `drain()` at the end of training.
     Its updates of the `hub` section of checkpoints.json hold `registry.lock`, as a commit's
-    update does, so the two never interleave.
+    update does, so the two never interleave. Each Hub request is retried per `retry`
+    (default: `config.hub_retry`).
 
     ```python
     publisher = HubPublisher(config, registry)
@@ -368,7 +445,7 @@ class HubPublisher:
     ```
     """
 
-    def __init__(self, config: CheckpointConfig, registry: Registry) -> None:
+    def __init__(self, config: CheckpointConfig, registry: Registry, *, retry: RetryPolicy | None = None) -> None:
         if not config.hub_model_id:
             raise CheckpointError("HubPublisher needs config.hub_model_id")
         self.config = config
@@ -376,12 +453,11 @@ class HubPublisher:
         self.registry = registry
         self.policy = RetentionPolicy(config.keep_top_k, config.metric_name, config.higher_is_better)
         api = HfApi(endpoint=config.hub_endpoint, token=config.hub_token, library_name="hf_rl_ckpt")
-        self.repo = HubRepo(api, self.repo_id, DEFAULT_RETRY)
-        self._cond = threading.Condition()
-        self._requested = False
-        self._busy = False
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        self.repo = HubRepo(api, self.repo_id, retry or config.hub_retry)
+        # Passes are not retried as a whole: the repo retries each request, and a pass that runs out of attempts
+        # leaves its pushes pending for the next one (see `_sync`).
+        self._worker = BackgroundWorker("hf_rl_ckpt-hub", on_failure=self._crashed)
+        self._progress = threading.Lock()
         self._prepared = False
         self._auth_failed = False
         self._done = 0
@@ -389,58 +465,36 @@ class HubPublisher:
 
     # ------------------------------------------------------------ control (training thread)
     def enqueue(self) -> None:
-        """Record pending pushes in checkpoints.json and wake the worker; returns at once (no network)."""
+        """Record pending pushes in checkpoints.json and queue a pass; returns at once (no network)."""
         try:
             self._update_hub(self._track)
         except (OSError, CheckpointError) as err:  # bookkeeping must not fail a save that is already committed
             logger.warning("could not record pending Hub pushes in %s (%s); publishing goes on", self.registry.layout.registry_path, err)
-        with self._cond:
-            self._requested = True
-            self._cond.notify_all()
-            if self._thread is None or not self._thread.is_alive():
-                self._stopping = False
-                self._thread = threading.Thread(target=self._work, name="hf_rl_ckpt-hub", daemon=True)
-                self._thread.start()
+        self._worker.submit("sync", self._sync)  # a pass still waiting absorbs this request
 
     def drain(self, progress: bool = True) -> None:
         """Wait until the worker has done everything asked of it (pushed, or given up until the next start)."""
-        with self._cond:
-            if self._requested or self._busy:
-                # disable=None is tqdm's rule: no bar when stderr is not a terminal (a job log would get a redraw every
-                # half second, for minutes while the Hub is down); a terminal redraws in place, a notebook shows a widget.
-                with tqdm(total=max(self._total, 1), desc=f"Publishing to {self.repo_id}", unit="push", disable=None if progress else True) as bar:
-                    while (self._requested or self._busy) and self._thread is not None and self._thread.is_alive():
-                        self._cond.wait(timeout=0.5)
+        if not self._worker.idle:
+            # disable=None is tqdm's rule: no bar when stderr is not a terminal (a job log would get a redraw every
+            # half second, for minutes while the Hub is down); a terminal redraws in place, a notebook shows a widget.
+            with tqdm(total=max(self._total, 1), desc=f"Publishing to {self.repo_id}", unit="push", disable=None if progress else True) as bar:
+
+                def show() -> None:
+                    with self._progress:
                         bar.total, bar.n = max(self._total, self._done, 1), self._done
-                        bar.refresh()
+                    bar.refresh()
+
+                self._worker.drain(tick=show)
         self._report_unpublished()
 
     def stop(self) -> None:
-        """Let the worker finish its current pass, then end it (a later `enqueue` starts a new one)."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
+        """Let the worker finish the passes asked for, then end it (a later `enqueue` starts a new one)."""
+        self._worker.stop()
 
     # ------------------------------------------------------------ worker
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._requested and not self._stopping:
-                    self._cond.wait()
-                if not self._requested:
-                    return
-                self._requested, self._busy = False, True
-            try:
-                self._sync()
-            except Exception:  # a bug must not kill the worker (or training): log it, keep serving requests
-                logger.exception("Hub publishing to %s failed unexpectedly; pending pushes are retried at the next save", self.repo_id)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+    def _crashed(self, key: Hashable, error: Exception) -> None:
+        """A bug in a pass must not kill the worker (or training): log it, keep serving requests."""
+        logger.error("Hub publishing to %s failed unexpectedly; pending pushes are retried at the next save", self.repo_id, exc_info=error)
 
     def _sync(self) -> None:
         """One reconciling pass: push out-of-date branches (best first), move main, delete evicted branches."""
@@ -448,8 +502,8 @@ class HubPublisher:
             return
         with self.registry.lock:
             data = self.registry.read()
-        actions = self._plan(data["checkpoints"], self._hub_section(data))
-        with self._cond:
+        actions = self._plan(data["checkpoints"], HubState.from_json(data.get("hub"), self.repo_id))
+        with self._progress:
             self._done, self._total = 0, len(actions)
         if not actions:
             return
@@ -459,9 +513,8 @@ class HubPublisher:
                 self._prepared = True
             for action in actions:
                 self._execute(action)
-                with self._cond:
+                with self._progress:
                     self._done += 1
-                    self._cond.notify_all()
         except HubAuthError as err:
             self._auth_failed = True
             logger.error(
@@ -475,7 +528,7 @@ class HubPublisher:
                 err, self.registry.layout.registry_path,
             )
 
-    def _plan(self, rows: list[dict[str, Any]], hub: dict[str, Any]) -> list[_Action]:
+    def _plan(self, rows: list[dict[str, Any]], hub: HubState) -> list[_Action]:
         board = Leaderboard.from_rows(rows, self.policy)
         metrics = {row["step"]: row.get("metrics") or {} for row in rows}
         uploads: dict[int, CheckpointUpload] = {}
@@ -485,15 +538,15 @@ class HubPublisher:
             if upload is None:
                 continue
             uploads[step] = upload
-            entry = hub["steps"].get(str(step)) or {}
-            if entry.get("status") != PUSHED or entry.get("fingerprint") != upload.fingerprint:
+            entry = hub.steps.get(step)
+            if entry is None or entry.status != PUSHED or entry.fingerprint != upload.fingerprint:
                 actions.append(_Action("push", step, upload))
-        main = hub.get("main") or {}
-        if board.main in uploads and (main.get("step") != board.main or main.get("fingerprint") != uploads[board.main].fingerprint):
+        main = hub.main
+        if board.main in uploads and (main is None or main.step != board.main or main.fingerprint != uploads[board.main].fingerprint):
             actions.append(_Action("main", board.main, uploads[board.main]))
-        for key, entry in hub["steps"].items():
-            if int(key) not in board.steps and not entry.get("evicted"):
-                actions.append(_Action("delete", int(key)))
+        for step, entry in hub.steps.items():
+            if step not in board.steps and not entry.evicted:
+                actions.append(_Action("delete", step))
         return actions
 
     def _upload(self, step: int, metrics: Mapping[str, Any], board: Leaderboard) -> CheckpointUpload | None:
@@ -512,20 +565,20 @@ class HubPublisher:
         try:
             if action.kind == "delete":
                 self.repo.delete_branch(branch)
-                self._update_hub(lambda hub, rows: hub["steps"].pop(str(step), None))
+                self._update_hub(lambda hub, rows: hub.steps.pop(step, None))
                 logger.info("Hub: deleted branch %s of evicted checkpoint step %d from %s", branch, step, self.repo_id)
                 return
             assert action.upload is not None
             fingerprint = action.upload.fingerprint
             if action.kind == "main":
                 sha = self.repo.push(MAIN, action.upload, f"hf_rl_ckpt: main <- step {step} (best)")
-                self._update_hub(lambda hub, rows: hub.update(main={"step": step, "commit": sha, "fingerprint": fingerprint, "updated_at": _now()}))
+                main = HubMain(step, sha, fingerprint, _now())
+                self._update_hub(lambda hub, rows: setattr(hub, "main", main))
                 logger.info("Hub: main of %s now holds step %d (commit %s)", self.repo_id, step, sha[:12])
                 return
             sha = self.repo.push(branch, action.upload, f"hf_rl_ckpt: step {step}")
-            self._update_hub(lambda hub, rows: hub["steps"].update({str(step): {
-                "status": PUSHED, "branch": branch, "commit": sha, "fingerprint": fingerprint, "updated_at": _now(),
-            }}))
+            pushed = HubEntry(step, branch, PUSHED, commit=sha, fingerprint=fingerprint, updated_at=_now())
+            self._update_hub(lambda hub, rows: hub.steps.update({step: pushed}))
             logger.info("Hub: step %d is on %s@%s (commit %s)", step, self.repo_id, branch, sha[:12])
         except (HubAuthError, HubUnavailableError) as err:
             self._failed(step, str(err), log=False)
@@ -537,51 +590,44 @@ class HubPublisher:
                 self._failed(step, f"cannot read {self.registry.layout.step_dir(step)}: {err}")
 
     # ------------------------------------------------------------ the `hub` section of checkpoints.json
-    def _hub_section(self, data: dict[str, Any]) -> dict[str, Any]:
-        hub = data.get("hub")
-        if isinstance(hub, dict) and hub.get("repo_id") == self.repo_id and isinstance(hub.get("steps"), dict):
-            return hub
-        return {"repo_id": self.repo_id, "steps": {}, "main": None}
-
-    def _update_hub(self, change: Callable[[dict[str, Any], list[dict[str, Any]]], object]) -> None:
+    def _update_hub(self, change: Callable[[HubState, list[dict[str, Any]]], object]) -> None:
         """Read-modify-write the `hub` section under the registry lock (the registry keeps sections it does not own)."""
         with self.registry.lock:
             data = self.registry.read()
-            hub = self._hub_section(data)
+            hub = HubState.from_json(data.get("hub"), self.repo_id)
             before = json.dumps(data.get("hub"), sort_keys=True)
             change(hub, data["checkpoints"])
-            if json.dumps(hub, sort_keys=True) != before:
-                data["hub"] = hub
+            stored = hub.to_json()
+            if json.dumps(stored, sort_keys=True) != before:
+                data["hub"] = stored
                 self.registry.write(data)
 
-    def _track(self, hub: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    def _track(self, hub: HubState, rows: list[dict[str, Any]]) -> None:
         """New leaderboard checkpoints become pending; a pushed branch that leaves it is kept (`hub_keep_evicted`) or left for deletion."""
         board = Leaderboard.from_rows(rows, self.policy)
         for step in board.steps:
-            hub["steps"].setdefault(str(step), {"status": PENDING, "branch": branch_for(step)})
-        for key, entry in hub["steps"].items():
-            if int(key) not in board.steps and self.config.hub_keep_evicted and entry.get("status") == PUSHED:
-                entry["evicted"] = True
-            else:
-                entry.pop("evicted", None)  # back on the leaderboard, or hub_keep_evicted turned off (the next pass deletes it)
+            hub.steps.setdefault(step, HubEntry(step, branch_for(step)))
+        for step, entry in hub.steps.items():
+            # Off the leaderboard with hub_keep_evicted: kept. Back on it, or the setting turned off: the next pass deletes it.
+            entry.evicted = step not in board.steps and self.config.hub_keep_evicted and entry.status == PUSHED
 
     def _failed(self, step: int, error: str, log: bool = True) -> None:
         if log:
             logger.error("Hub: could not publish step %d to %s: %s", step, self.repo_id, error)
 
-        def mark(hub: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-            entry = hub["steps"].get(str(step))
-            if entry is not None and entry.get("status") != PUSHED:
-                entry.update(status=FAILED, error=error, updated_at=_now())
+        def mark(hub: HubState, rows: list[dict[str, Any]]) -> None:
+            entry = hub.steps.get(step)
+            if entry is not None and entry.status != PUSHED:
+                entry.status, entry.error, entry.updated_at = FAILED, error, _now()
 
         self._update_hub(mark)
 
     def _report_unpublished(self) -> None:
         with self.registry.lock:
             data = self.registry.read()
-        steps = self._hub_section(data)["steps"]
+        steps = HubState.from_json(data.get("hub"), self.repo_id).steps
         board = Leaderboard.from_rows(data["checkpoints"], self.policy)
-        waiting = [step for step in sorted(board.steps) if (steps.get(str(step)) or {}).get("status") != PUSHED]
+        waiting = [step for step in sorted(board.steps) if step not in steps or steps[step].status != PUSHED]
         if waiting:
             logger.warning(
                 "%d checkpoint(s) are not on the Hub yet (step(s) %s; see 'hub' in %s). They are pushed at the next start "

@@ -3,7 +3,7 @@
 A fresh interpreter per trial spends seconds importing; forking this warmed-up process
 makes a trial cost what its training and saving cost, which is what lets the suite run 30
 random SIGKILLs in well under two minutes. Each child is a real process doing real I/O,
-killed for real (SIGKILL from the test, or from `hf_rl_ckpt.faultpoint`).
+killed for real (SIGKILL from the test, or at a fault point armed with `hf_rl_ckpt.testing.crash.arm_kill`).
 
 Protocol: one JSON object per line on stdin, one reply per line on stdout.
     {"cmd": "run", "ckpt": DIR, "ready": FILE, "fault": "commit.before_rename@3" | null, "seed": 0, "config": {...}}
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, ResumableDataLoader  # noqa: E402
-from hf_rl_ckpt.faultpoint import ENV_VAR  # noqa: E402
+from hf_rl_ckpt.testing.crash import arm_kill  # noqa: E402
 from hf_rl_ckpt.testing.tiny import build_model  # noqa: E402
 
 #: Retention in every trial: keep the newest two, so evictions (and their crash windows) happen on every save.
@@ -97,7 +97,7 @@ def serve() -> None:
                 code = 0
                 try:
                     if request.get("fault"):
-                        os.environ[ENV_VAR] = request["fault"]
+                        arm_kill(request["fault"])
                     if request.get("log"):
                         log_to(request["log"])
                     train_forever(
