@@ -349,13 +349,6 @@ def background_failure(step: int, error: BaseException, previous: Path | None) -
     return raised
 
 
-def hold_for_tests() -> None:
-    """Does nothing; kept only while `CheckpointManager._write_and_commit` still calls it (to be deleted with that call).
-
-    Tests hold a background write in flight by arming `faultpoint.sleep` at `save.part_written`.
-    """
-
-
 # ---------------------------------------------------------------- cross-rank completion
 class RankMarkers:
     """Per-rank completion markers of one async save, in `.incomplete/<name>.ranks/`.

@@ -27,9 +27,9 @@ import torch
 import yaml
 
 from . import distributed
-from .async_save import AsyncCheckpointWriter, RankMarkers, SavePart, background_failure, hold_for_tests, run_parts
+from .async_save import AsyncCheckpointWriter, RankMarkers, SavePart, background_failure, run_parts
 from .commit import CommitRequest, Committer
-from .config import CheckpointConfig, parse_size, redact_secrets
+from .config import CheckpointConfig, parse_duration, parse_size, redact_secrets
 from .errors import CheckpointError, CheckpointSaveError
 from .faultpoint import faultpoint
 from .hub.card import Leaderboard, branch_for, card_rows, render_model_card
@@ -97,7 +97,9 @@ class CheckpointWriter:
         self.layout = committer.layout
         self.training_config = dict(training_config)
         self.max_shard_size = parse_size(config.max_shard_size)
-        self.background = AsyncCheckpointWriter()  # async_save: the staging buffer and the background write + commit
+        # async_save: the staging buffer and the background write + commit
+        self.background = AsyncCheckpointWriter(defer_optimizer_copy=config.async_defer_optimizer_copy)
+        self.rank_timeout = parse_duration(config.async_rank_timeout, field_name="async_rank_timeout")
 
     # ------------------------------------------------------------- the flow
     def save(self, inputs: SaveInputs, started: float) -> Path:
@@ -168,7 +170,7 @@ class CheckpointWriter:
     # ------------------------------------------------------------- async
     def _stage_for_background(self, plan: SavePlan, parts: list[SavePart], digests: Digests, request: CommitRequest) -> Path:
         """Training thread: copy the parts' tensors into the staging buffer, then hand write + commit to the thread."""
-        markers = RankMarkers(plan.staging)
+        markers = RankMarkers(plan.staging, timeout=self.rank_timeout)
         error, deferred = None, []
         try:
             if plan.rank == 0:
@@ -191,7 +193,6 @@ class CheckpointWriter:
             for part in parts:
                 digests.update(part.run())
                 faultpoint("save.part_written")
-                hold_for_tests()
         except Exception as err:
             error = err
         if plan.world_size > 1:

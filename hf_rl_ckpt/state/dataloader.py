@@ -29,7 +29,6 @@ Accelerate hooks' `{"dataloaders": [...]}`, and any other loader's bare state di
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import json
 import os
@@ -71,16 +70,6 @@ class GlobalRngState:
         torch.set_rng_state(self.torch_cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
-
-
-@contextlib.contextmanager
-def preserve_global_rng() -> Iterator[None]:
-    """Run a block without moving python, numpy or torch CPU/CUDA global RNG state."""
-    saved = GlobalRngState.capture()
-    try:
-        yield
-    finally:
-        saved.restore()
 
 
 def _rng_state_to_json(state: torch.Tensor | None) -> str | None:
