@@ -9,13 +9,23 @@ manager = CheckpointManager(CheckpointConfig(checkpoint_dir="runs/ckpt", save_pe
 from .config import CheckpointConfig, ResumeConfig
 from .errors import (
     CheckpointError,
+    CheckpointLockedError,
     CheckpointNotFoundError,
     CheckpointSaveError,
     ConfigError,
     CorruptCheckpointError,
+    HubAuthError,
+    HubPublishError,
+    HubUnavailableError,
+    ReadOnlyCheckpointDirError,
     StateMismatchError,
+    UnsupportedVersionError,
+    UntrustedPickleError,
 )
-from .manager import CheckpointManager, CheckpointManagerProtocol, ResumeState, create_manager
+from .events import CheckpointCommitted, CheckpointEvicted, Subscriber
+from .manager import CheckpointManager, CheckpointManagerProtocol, create_manager
+from .load import ResumeState
+from .records import CheckpointRecord
 from .state.dataloader import ResumableDataLoader
 from .verify import verify_checkpoint
 
@@ -42,10 +52,21 @@ __all__ = [
     "ResumableDataLoader",
     "create_manager",
     "verify_checkpoint",
+    "CheckpointRecord",
+    "Subscriber",
+    "CheckpointCommitted",
+    "CheckpointEvicted",
     "CheckpointError",
+    "CheckpointLockedError",
     "CheckpointNotFoundError",
     "CheckpointSaveError",
     "ConfigError",
     "CorruptCheckpointError",
+    "HubAuthError",
+    "HubPublishError",
+    "HubUnavailableError",
+    "ReadOnlyCheckpointDirError",
     "StateMismatchError",
+    "UnsupportedVersionError",
+    "UntrustedPickleError",
 ]

@@ -37,35 +37,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointLockedError, ReadOnlyCheckpointDirError
 from .layout import LOCK_FILE
 
 logger = logging.getLogger(__name__)
 
 _READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-class CheckpointLockedError(CheckpointError):
-    """Another process holds the checkpoint directory's lock.
-
-    Attributes:
-        holder: what the holder wrote into the lock file (pid, host, started_at, argv); may be empty.
-    """
-
-    def __init__(self, lock_path: Path, holder: dict[str, Any]) -> None:
-        self.holder = holder
-        who = (
-            f"pid {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started_at')}: {holder.get('argv')})"
-            if holder else "a process that has not written its details yet"
-        )
-        super().__init__(
-            f"{lock_path.parent} is in use by {who}; lock file {lock_path}. Two runs writing one checkpoint_dir would "
-            "destroy each other's saves: stop the other run or point this one at another checkpoint_dir"
-        )
-
-
-class ReadOnlyCheckpointDirError(CheckpointError):
-    """The checkpoint directory cannot be written (read-only mount or no permission)."""
 
 
 @dataclass

@@ -28,11 +28,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
-
-
-class UnsupportedVersionError(CheckpointError):
-    """An installed library lacks an internal name hf_rl_ckpt needs (a release too new or too old)."""
+from .errors import UnsupportedVersionError
 
 
 def _missing(library: str, names: list[str], where: str) -> UnsupportedVersionError:

@@ -96,3 +96,12 @@ def test_ddp_accelerate_run_killed_and_resumed_matches_an_uninterrupted_run(tmp_
     manifest = verify_checkpoint(tmp_path / "resumed" / "step_5")["manifest"]
     assert {f"{kind}/rank_{rank}.{ext}" for kind, ext in (("rng", "safetensors"), ("dataloader", "json")) for rank in (0, 1)} <= set(manifest)
     assert pickle_files(tmp_path / "straight") == [] and pickle_files(tmp_path / "resumed") == []
+
+
+def test_from_path_converts_a_foreign_folder_on_rank_0_alone_in_a_distributed_job(tmp_path):
+    """Converting used to build a nested manager on rank 0, whose collectives the other ranks never joined: a hang."""
+    foreign = tmp_path / "checkpoint-3"
+    build_model("llama", seed=0).save_pretrained(foreign)
+    (foreign / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": []}))
+    output = torchrun(Path(__file__).parent / "dist" / "from_path.py", 2, str(foreign), str(tmp_path / "run"), timeout=180)
+    assert output.count("from_path OK") == 2, output

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from ..atomic import sha256_file
 from ..background import BackgroundWorker, RetryPolicy
 from ..config import CheckpointConfig, check_repo_id
-from ..errors import CheckpointError, CorruptCheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError, HubAuthError, HubPublishError, HubUnavailableError
 from ..events import CheckpointCommitted, CheckpointEvicted, Subscriber
 from ..faultpoint import faultpoint
 from ..layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, MODEL_CARD, TRAINING_INFO, safe_join
@@ -72,18 +72,6 @@ PENDING, PUSHED, FAILED = "pending", "pushed", "failed"
 PushStatus = Literal["pending", "pushed", "failed"]
 _KEEP_ON_HUB = {".gitattributes"}
 _T = TypeVar("_T")
-
-
-class HubAuthError(CheckpointError):
-    """The Hub refused the credentials (HTTP 401/403): publishing cannot succeed until they are fixed."""
-
-
-class HubUnavailableError(CheckpointError):
-    """The Hub kept failing with transient errors (5xx, timeouts, connection errors) beyond the retry budget."""
-
-
-class HubPublishError(CheckpointError):
-    """The Hub refused a request for another reason (e.g. 400/404/413); retrying the same request will not help."""
 
 
 _TRANSPORT_ERRORS = (HfHubHTTPError, httpx2.TransportError, ConnectionError, TimeoutError)

@@ -29,7 +29,7 @@ import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
 from ..atomic import HashingWriter
-from ..errors import CheckpointError, CorruptCheckpointError
+from ..errors import CorruptCheckpointError, UntrustedPickleError
 from ..layout import safe_join
 from ..shims import unflatten_state_dict
 
@@ -37,23 +37,6 @@ from ..shims import unflatten_state_dict
 _NUMPY_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core
 _NUMPY_RNG_TYPES = [_NUMPY_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 DCP_METADATA = ".metadata"
-
-
-class UntrustedPickleError(CheckpointError):
-    """A file that only pickle can read was met and `trust_pickle` was not given.
-
-    Attributes:
-        paths: the pickled files.
-    """
-
-    def __init__(self, paths: list[Path], what: str) -> None:
-        self.paths = paths
-        names = ", ".join(str(p) for p in paths[:6]) + (f" (+{len(paths) - 6} more)" if len(paths) > 6 else "")
-        super().__init__(
-            f"{what} needs pickled file(s) {names}; hf_rl_ckpt unpickles nothing unless told to trust the source. "
-            "If you trust it, pass --trust-pickle (CLI), trust_pickle=True (Python) or resume.trust_pickle: true (config); "
-            "the files are then read with torch.load(weights_only=True) only"
-        )
 
 
 def require_trust(paths: list[Path], trust_pickle: bool, what: str) -> None:
