@@ -340,7 +340,7 @@ class CheckpointWriter:
         card = render_model_card(
             plan.staging, step=plan.step, metrics=metrics, leaderboard=board, local_path=self.layout.step_dir(plan.step),
             repo_id=self.config.hub_model_id if publishing else None, revision=branch_for(plan.step) if publishing else None,
-            model_folder=plan.contents.deployable_dir,
+            contents=plan.contents,
         )
         return {MODEL_CARD: write_bytes(plan.staging / MODEL_CARD, str(card).encode())}  # sealed by the commit's fsync_tree
 

@@ -142,11 +142,11 @@ class ModelInfo:
         return "text-generation" if self.auto_class == "AutoModelForCausalLM" else None
 
 
-def read_model_info(ckpt_dir: str | os.PathLike, model_folder: str | None = None) -> ModelInfo:
+def read_model_info(ckpt_dir: str | os.PathLike, contents: Contents | None = None) -> ModelInfo:
     """Architecture, base model and adapter type from a checkpoint's `model/adapter` or `model/consolidated` folder.
 
-    `model_folder` is the checkpoint's deployable folder (`Contents.deployable_dir`); by
-    default, the one its training_info.json records (a checkpoint being written passes its plan's).
+    `contents` is what the checkpoint holds; by default, what its training_info.json records
+    (a checkpoint being written passes its plan's).
 
     ```python
     >>> read_model_info("runs/ckpt/step_40").auto_class      # doctest: +SKIP
@@ -154,9 +154,7 @@ def read_model_info(ckpt_dir: str | os.PathLike, model_folder: str | None = None
     ```
     """
     ckpt_dir = Path(ckpt_dir)
-    if model_folder is None:
-        model_folder = Contents.of(ckpt_dir).deployable_dir
-    if model_folder == ADAPTER_DIR:
+    if (contents or Contents.of(ckpt_dir)).deployable_dir == ADAPTER_DIR:
         adapter = _read_json(ckpt_dir / ADAPTER_DIR / "adapter_config.json")
         return ModelInfo(
             folder=ADAPTER_DIR,
@@ -186,13 +184,13 @@ def render_model_card(
     repo_id: str | None = None,
     revision: str | None = None,
     local_path: str | os.PathLike | None = None,
-    model_folder: str | None = None,
+    contents: Contents | None = None,
 ) -> ModelCard:
     """The card of the checkpoint of `step`, as published on branch `revision` of `repo_id`.
 
     Without `repo_id` (a run that does not publish) the usage snippets point at the local
     model folder instead, under `local_path` (where the checkpoint lives once committed;
-    default `ckpt_dir`); `model_folder` as in `read_model_info`. The metadata holds `base_model` (when the config names a Hub
+    default `ckpt_dir`); `contents` as in `read_model_info`. The metadata holds `base_model` (when the config names a Hub
     model), `library_name`, tags and a `model-index` with one `EvalResult` per numeric
     metric of this checkpoint.
 
@@ -207,7 +205,7 @@ def render_model_card(
     """
     ckpt_dir = Path(ckpt_dir)
     local_path = Path(local_path or ckpt_dir)
-    info = read_model_info(ckpt_dir, model_folder)
+    info = read_model_info(ckpt_dir, contents)
     numbers = _numeric_metrics(metrics)
     title = repo_id or f"{local_path.resolve().parent.name}/{local_path.name}"
     tags = [LIBRARY_TAG, "checkpoint"] + [t.lower() for t in (info.model_type, info.peft_type) if t]
