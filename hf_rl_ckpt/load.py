@@ -24,6 +24,7 @@ import torch
 from . import distributed
 from .async_save import AsyncCheckpointWriter
 from .config import CheckpointConfig
+from .convert import convert_checkpoint, detect_format
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, TRAINING_INFO, CheckpointLayout, dataloader_file, rng_file
 from .plan import ModelKind, classify_model
@@ -123,8 +124,6 @@ class CheckpointLoader:
         the copy is deleted (a crash mid-way leaves only `.incomplete/` content, which the
         next start removes). Their pickled files are read only with `resume.trust_pickle`.
         """
-        from .convert import convert_checkpoint, detect_format  # the converters build on the writer, which is heavier to import
-
         if detect_format(path) is None:
             if not (path / TRAINING_INFO).is_file():
                 raise CheckpointNotFoundError(
