@@ -174,21 +174,22 @@ class CheckpointLoader:
             load_consolidated(model, path / CONSOLIDATED_DIR, trust_pickle=self.config.resume.trust_pickle, preloaded=preloaded)
         state = ResumeState(step=info.step, path=path, epoch=info.epoch, metrics=info.metrics, extra=info.extra, weights_only=weights_only)
         if not weights_only:
-            self.load_optimizer_state(path, model=model, optimizer=optimizer, scheduler=scheduler, preloaded=preloaded, contents=contents)
+            self._load_optimizer(path, kind, contents, optimizer, scheduler, preloaded)
             self._load_data_position(path, info, dataloader)
             self.load_rng_state(path)
         logger.info("resumed from %s (step %d%s) in %.2fs", path, state.step, ", weights only" if weights_only else "", time.perf_counter() - started)
         self._warn_if_later_steps(state.step)
         return state
 
-    def load_optimizer_state(
-        self, path: str | os.PathLike, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None,
-        preloaded: Mapping[str, Mapping[str, torch.Tensor]] | None = None, contents: Contents | None = None,
-    ) -> None:
+    def load_optimizer_state(self, path: str | os.PathLike, *, model: torch.nn.Module, optimizer: Any, scheduler: Any = None) -> None:
         """See `CheckpointManager.load_optimizer_state`."""
         path = Path(path)
+        self._load_optimizer(path, classify_model(model), Contents.of(path), optimizer, scheduler)
+
+    @staticmethod
+    def _load_optimizer(path: Path, kind: ModelKind, contents: Contents, optimizer: Any, scheduler: Any, preloaded: Preloaded | None = None) -> None:
         if optimizer is not None:
-            load_optimizer(classify_model(model).module, optimizer, optimizer_dir(path, contents or Contents.of(path)), preloaded=preloaded)
+            load_optimizer(kind.module, optimizer, optimizer_dir(path, contents), preloaded=preloaded)
         if scheduler is not None:
             load_scheduler(scheduler, path / SCHEDULER_JSON)
 
