@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -165,16 +166,19 @@ def test_optimizer_state_copied_in_the_background_is_the_state_as_of_save(tmp_pa
     _train(objs, 1)
     before = {k: v.clone() for k, v in capture_optimizer(objs.model, objs.optimizer).tensors.items()}
     real_run = async_save.DeferredCopy.run
+    at_step = threading.Event()
+    # Registered before save(), so it runs before the hook that makes step() wait for the copy.
+    objs.optimizer.register_step_pre_hook(lambda *_: at_step.set())
 
-    def slow_run(self, buffer):
-        time.sleep(0.5)  # the copy is still running when the training loop reaches its next step
+    def copy_after_the_step_began(self, buffer):
+        at_step.wait(timeout=30)  # the training loop has reached its next optimizer step (whatever the machine's load)
+        time.sleep(0.3)
         real_run(self, buffer)
 
-    monkeypatch.setattr(async_save.DeferredCopy, "run", slow_run)
+    monkeypatch.setattr(async_save.DeferredCopy, "run", copy_after_the_step_began)
     path = manager.save(1, **objs.as_kwargs())
-    started = time.perf_counter()
     objs.train_step(next(iter(objs.loader)))  # forward, backward, then step(): held until the state is staged
-    assert time.perf_counter() - started >= 0.4 and manager._writer.background.step_waited > 0.2
+    assert at_step.is_set() and manager._writer.background.step_waited >= 0.25, "step() did not wait for the copy"
     manager.finalize()
     restored = make_objects(seed=1)
     CheckpointManager(_config(tmp_path)).load(path, **restored.as_kwargs())
