@@ -204,6 +204,11 @@ class CheckpointLayout:
         """
         return {step: path for _order, step, path, _info in self._committed()}
 
+    def latest(self) -> Path | None:
+        """The newest committed checkpoint (the most recent commit, not the highest step), or None."""
+        committed = list(self.committed_steps().values())
+        return committed[-1] if committed else None
+
     def next_commit_seq(self) -> int:
         """The `commit_seq` of the next commit: one above every committed checkpoint's."""
         return 1 + max((order[1] for order, _step, _path, info in self._committed() if info is not None), default=0)

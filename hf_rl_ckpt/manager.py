@@ -159,8 +159,7 @@ class BaseCheckpointManager:
 
     def latest(self) -> Path | None:
         """The newest committed checkpoint (the most recent commit, not the highest step), or None."""
-        committed = list(self.layout.committed_steps().values())
-        return committed[-1] if committed else None
+        return self.layout.latest()
 
     def best(self) -> Path | None:
         """The best committed checkpoint by `metric_name` (the newest when no metric ranks)."""

@@ -156,16 +156,12 @@ class CheckpointWriter:
         if self.ranks.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
         self.ranks.barrier()
-        previous = self._latest()
+        previous = self.layout.latest()
         detail = "; ".join(f"rank {rank}: {report}" for rank, report in failed.items())
         raise CheckpointSaveError(
             f"saving step {step} failed ({detail}); nothing was committed to {self.layout.root}"
             + (f", the previous checkpoint {previous} is intact" if previous else "")
         ) from error
-
-    def _latest(self) -> Path | None:
-        committed = list(self.layout.committed_steps().values())
-        return committed[-1] if committed else None
 
     # ------------------------------------------------------------- async
     def _stage_for_background(self, plan: SavePlan, parts: list[SavePart], digests: Digests, request: CommitRequest) -> Path:
@@ -232,7 +228,7 @@ class CheckpointWriter:
         if not failed:
             return
         if failure is not None:
-            raise background_failure(failure[0], failure[1], self._latest())
+            raise background_failure(failure[0], failure[1], self.layout.latest())
         step = next(iter(failed.values()))[0]
         detail = "; ".join(f"rank {rank}: {report[1]}" for rank, report in failed.items())
         raise CheckpointSaveError(f"the background (async) save of step {step} failed ({detail}); nothing was committed")
