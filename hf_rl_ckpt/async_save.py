@@ -23,41 +23,37 @@ buffer. A background failure is logged at once and raised by the next `save` or 
 renamed into place until every byte is written and fsynced, the previous checkpoint stays
 the newest loadable one whatever happens to the background write, SIGKILL included.
 
-Distributed jobs never run a collective from the background thread. Each rank writes its
-own files and then reports, through a marker file in `.incomplete/<name>.ranks/`, either
-"done" with the digests of what it wrote or "failed" with the error; rank 0's thread waits
-for every rank's marker before it commits. Failures are agreed on by all ranks in the
-training thread at the next `save`/`finalize` (one `all_gather_object`), so every rank
-raises together. Parts that must run collectives (DCP writes of sharded FSDP state) or
-that read live objects we cannot stage (a PEFT adapter, written by `save_adapter`) run in
-the training thread before the rest goes to the background.
+In a distributed job each rank's thread writes its own files, then the threads exchange
+"done, with these digests" or "failed, with this error" in one all-gather over a gloo
+process group of their own (`distributed.Ranks.side_channel`, made by every rank at the
+first async save): never the job's group, whose collectives the training loop is running
+meanwhile. Rank 0's thread commits when every rank is done; otherwise every thread fails
+the save naming the failed ranks, and a rank that died or stalls fails it after
+`async_rank_timeout` (the group's timeout) instead of hanging the others. The failure is
+raised in the training thread by the next `save`/`finalize`, on every rank. Parts that must
+run collectives (DCP writes of sharded FSDP state) or that read live objects we cannot
+stage (a PEFT adapter, written by `save_adapter`) run in the training thread before the
+rest goes to the background.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import shutil
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from .atomic import atomic_write_json
-from .errors import CheckpointSaveError
+from .faultpoint import faultpoint
 from .shims import runs_step_pre_hooks
 
 logger = logging.getLogger("hf_rl_ckpt")
 
 Digests = dict[str, tuple[int, str]]
-
-#: Seconds rank 0's background commit waits for the other ranks' markers (`async_rank_timeout`'s default).
-DEFAULT_RANK_TIMEOUT = 1800.0
 
 
 # ---------------------------------------------------------------- parts
@@ -85,7 +81,9 @@ class SavePart:
     after_others: bool = False
 
     def run(self) -> Digests:
-        return self.write(self.tensors) if self.tensors is not None else self.write()
+        digests = self.write(self.tensors) if self.tensors is not None else self.write()
+        faultpoint("save.part_written")  # here, inside every caller's error handling: a failure is reported, not escaped
+        return digests
 
 
 def run_parts(parts: list[SavePart], *, concurrently: bool) -> Iterator[tuple[Digests, Exception | None]]:
@@ -269,7 +267,7 @@ class AsyncCheckpointWriter:
         self.buffer = StagingBuffer()
         self._thread: threading.Thread | None = None
         self._failure: tuple[int, BaseException] | None = None
-        self._step: int | None = None
+        self.step: int | None = None  # of the last save submitted
         self._deferred: list[DeferredCopy] = []
 
     def stage(self, parts: list[SavePart]) -> list[DeferredCopy]:
@@ -298,7 +296,7 @@ class AsyncCheckpointWriter:
         """
         if self._thread is not None:
             raise RuntimeError("an async save is still pending; wait() for it first")
-        self._step = step
+        self.step = step
         self._thread = threading.Thread(target=self._run, args=(step, job), name=f"hf_rl_ckpt-async-save-{step}", daemon=False)
         self._thread.start()
 
@@ -319,7 +317,7 @@ class AsyncCheckpointWriter:
             if self._thread.is_alive():
                 started = time.perf_counter()
                 self._thread.join()
-                logger.info("waited %.2fs for the background save of step %s", time.perf_counter() - started, self._step)
+                logger.info("waited %.2fs for the background save of step %s", time.perf_counter() - started, self.step)
             self._thread = None
         for copy in self._deferred:
             copy.remove()
@@ -337,75 +335,3 @@ class AsyncCheckpointWriter:
             return self.wait()
         finally:
             self.buffer.close()
-
-
-def background_failure(step: int, error: BaseException, previous: Path | None) -> CheckpointSaveError:
-    """The error the training thread raises for a background save that failed."""
-    raised = CheckpointSaveError(
-        f"the background (async) save of step {step} failed ({type(error).__name__}: {error}); nothing was committed"
-        + (f", the newest checkpoint is still {previous}" if previous else "")
-    )
-    raised.__cause__ = error
-    return raised
-
-
-# ---------------------------------------------------------------- cross-rank completion
-class RankMarkers:
-    """Per-rank completion markers of one async save, in `.incomplete/<name>.ranks/`.
-
-    Each rank's background thread writes `rank_<r>.json` when its files are written (with
-    their digests) or when it failed (with the error); rank 0's thread commits once every
-    rank reported success. Files, not collectives: a background thread must never join a
-    collective that could interleave with the training loop's own.
-
-    `timeout`: seconds rank 0 waits for the other ranks' markers before giving up (the
-    config's `async_rank_timeout`).
-
-    ```python
-    markers = RankMarkers(staging, timeout=parse_duration(config.async_rank_timeout, "async_rank_timeout"))
-    ```
-    """
-
-    def __init__(self, staging: Path, *, timeout: float = DEFAULT_RANK_TIMEOUT) -> None:
-        self.root = staging.parent / f"{staging.name}.ranks"
-        self.timeout = timeout
-
-    def reset(self) -> None:
-        """Rank 0, before the ranks start writing: remove markers of an earlier attempt at the same step."""
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def report(self, rank: int, digests: Digests | None, error: BaseException | None) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        body = {"rank": rank, "ok": error is None, "digests": digests or {}, "error": None if error is None else f"{type(error).__name__}: {error}"}
-        atomic_write_json(self.root / f"rank_{rank}.json", body)
-
-    def collect(self, world_size: int, staging: Path) -> Digests:
-        """Rank 0: wait until every rank reported; return their digests, or raise naming the ranks that failed."""
-        deadline = time.monotonic() + self.timeout
-        exiting_since: float | None = None
-        reports: dict[int, dict[str, Any]] = {}
-        while True:
-            for rank in range(world_size):
-                if rank not in reports:
-                    try:
-                        reports[rank] = json.loads((self.root / f"rank_{rank}.json").read_text())
-                    except (FileNotFoundError, json.JSONDecodeError):
-                        pass
-            if len(reports) == world_size:
-                break
-            missing = sorted(set(range(world_size)) - set(reports))
-            now = time.monotonic()
-            if not threading.main_thread().is_alive():  # the interpreter is exiting: other ranks are likely gone too
-                exiting_since = exiting_since or now
-                if now - exiting_since > 60:
-                    raise CheckpointSaveError(f"rank(s) {missing} never reported their part of {staging.name}; the process is exiting")
-            if now > deadline:
-                raise CheckpointSaveError(f"rank(s) {missing} did not report their part of {staging.name} within {self.timeout:g}s (async_rank_timeout)")
-            time.sleep(0.05)
-        failed = {rank: report["error"] for rank, report in sorted(reports.items()) if not report["ok"]}
-        if failed:
-            raise CheckpointSaveError("; ".join(f"rank {rank}: {error}" for rank, error in failed.items()))
-        digests: Digests = {}
-        for report in reports.values():
-            digests.update({name: (int(size), str(sha)) for name, (size, sha) in report["digests"].items()})
-        return digests

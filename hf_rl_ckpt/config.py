@@ -111,6 +111,7 @@ class CheckpointConfig:
     checkpoint_name_template: str = "step_{step}"
     verify_on_resume: bool = True
     checkpoint_must_save_by: str | None = None
+    save_on_preemption: bool = True
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private: bool = True

@@ -1,14 +1,28 @@
-"""The few torch.distributed facts the manager needs, safe to call without a process group."""
+"""The few torch.distributed facts and collectives the manager needs, safe to call without a process group.
+
+Agreement is the rule: a decision that could come out differently on different ranks (a
+clock, a signal, a file listing, the outcome of something only rank 0 does) is made once
+and shared, so no rank ever waits in a collective that another rank skipped. Two helpers
+carry it: `on_rank0` (rank 0 acts, every rank returns its result or raises its error) and
+`any_rank` (flags reduced over the ranks: true on every rank if true on one).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import pickle
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, Callable, TypeVar
 
+import torch
 import torch.distributed as dist
+
+from .errors import CheckpointError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -28,12 +42,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_gather_object(value: Any) -> list[Any]:
+def all_gather_object(value: Any, group: Any = None) -> list[Any]:
     """Every rank's `value`, in rank order (a one-element list without a process group)."""
     if not is_distributed():
         return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
     return out
 
 
@@ -46,15 +60,78 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, true on every rank when it is true on any rank (one small all-reduce; cheap enough for every step)."""
+    if not is_distributed():
+        return tuple(bool(flag) for flag in flags)
+    backend = str(dist.get_backend())
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend and torch.cuda.is_available() else torch.device("cpu")
+    reduced = torch.tensor([int(bool(flag)) for flag in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return tuple(bool(value) for value in reduced.tolist())
+
+
+def _portable(error: Exception) -> Exception:
+    """`error` if it survives pickling (its type and fields reach the other ranks), else a CheckpointError saying what it was."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return CheckpointError(f"rank 0: {type(error).__name__}: {error}")
+
+
+def on_rank0(action: Callable[[], T]) -> T:
+    """Run `action` on rank 0 alone; every rank returns its result, or raises the error it raised.
+
+    The one way a rank-0 side effect (taking the lock, recovering the directory, publishing
+    weights, verifying a checkpoint) reports its outcome: the other ranks never proceed to a
+    collective that rank 0, having failed, will not join. The result travels by pickle, so
+    keep it small (paths, records, lists).
+
+    ```python
+    >>> on_rank0(lambda: 41 + 1)
+    42
+    ```
+    """
+    result: Any = None
+    error: Exception | None = None
+    if rank() == 0:
+        try:
+            result = action()
+        except Exception as err:
+            error = err
+    if is_distributed():
+        shared_result, shared_error = broadcast_object((result, None if error is None else _portable(error)))
+        if rank() != 0:
+            result, error = shared_result, shared_error
+    if error is not None:
+        raise error
+    return result
+
+
+def failures(error: BaseException | None, group: Any = None) -> dict[int, str]:
+    """Every rank's failure ("Type: message") by rank, given this rank's `error` (None: it succeeded); {} when all succeeded."""
+    reports = all_gather_object(None if error is None else f"{type(error).__name__}: {error}", group)
+    return {index: report for index, report in enumerate(reports) if report is not None}
+
+
+def destroy_group(group: Any) -> None:
+    """Destroy a process group made by `Ranks.side_channel` (None: nothing to do)."""
+    if group is not None and dist.is_initialized():
+        dist.destroy_process_group(group)
+
+
 @dataclass(frozen=True)
 class Ranks:
     """The processes one save coordinates: the job's process group (`JOB`), or this process alone (`THIS_PROCESS`).
 
     A checkpoint written by one rank for itself (a conversion under `resume.mode: from_path`
     runs on rank 0 only) must not join the job's collectives, which the other ranks are not in.
+    `group` is the process group the collectives run on (None: the job's default group).
     """
 
     alone: bool = False
+    group: Any = None
 
     @property
     def rank(self) -> int:
@@ -69,11 +146,26 @@ class Ranks:
         return not self.alone and is_distributed()
 
     def all_gather_object(self, value: Any) -> list[Any]:
-        return [value] if self.alone else all_gather_object(value)
+        return [value] if self.alone else all_gather_object(value, self.group)
+
+    def failures(self, error: BaseException | None) -> dict[int, str]:
+        """See `failures`."""
+        return failures(error, self.group) if not self.alone else ({0: f"{type(error).__name__}: {error}"} if error else {})
 
     def barrier(self) -> None:
-        if not self.alone:
-            barrier()
+        if self.is_distributed:
+            dist.barrier(group=self.group)
+
+    def side_channel(self, timeout: float) -> Ranks:
+        """The same ranks over a new gloo process group of their own; every rank must call this, in the same order.
+
+        Background threads (async saves) coordinate over it: their collectives never
+        interleave with the training loop's on the job's group, whatever its backend, and a
+        rank that died or stalls makes them fail after `timeout` seconds instead of hanging.
+        """
+        if not self.is_distributed:
+            return self
+        return Ranks(group=dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)))
 
 
 JOB = Ranks()

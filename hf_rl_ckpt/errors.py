@@ -36,6 +36,9 @@ class CorruptCheckpointError(CheckpointError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled to the other ranks with its fields (see `distributed.on_rank0`)
+        return type(self), (self.path, self.reason)
+
 
 class StateMismatchError(CheckpointError):
     """The checkpoint does not fit the object it is loaded into (e.g. another architecture)."""
@@ -53,7 +56,7 @@ class CheckpointLockedError(CheckpointError):
     """
 
     def __init__(self, lock_path: Path, holder: dict[str, Any]) -> None:
-        self.holder = holder
+        self.lock_path, self.holder = lock_path, holder
         who = (
             f"pid {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started_at')}: {holder.get('argv')})"
             if holder else "a process that has not written its details yet"
@@ -62,6 +65,9 @@ class CheckpointLockedError(CheckpointError):
             f"{lock_path.parent} is in use by {who}; lock file {lock_path}. Two runs writing one checkpoint_dir would "
             "destroy each other's saves: stop the other run or point this one at another checkpoint_dir"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.lock_path, self.holder)
 
 
 class ReadOnlyCheckpointDirError(CheckpointError):
@@ -92,10 +98,13 @@ class UntrustedPickleError(CheckpointError):
     """
 
     def __init__(self, paths: list[Path], what: str) -> None:
-        self.paths = paths
+        self.paths, self.what = paths, what
         names = ", ".join(str(p) for p in paths[:6]) + (f" (+{len(paths) - 6} more)" if len(paths) > 6 else "")
         super().__init__(
             f"{what} needs pickled file(s) {names}; hf_rl_ckpt unpickles nothing unless told to trust the source. "
             "If you trust it, pass --trust-pickle (CLI), trust_pickle=True (Python) or resume.trust_pickle: true (config); "
             "the files are then read with torch.load(weights_only=True) only"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.paths, self.what)

@@ -101,7 +101,8 @@ class CheckpointLoader:
         """See `CheckpointManager.resume`."""
         if mode == "from_path":
             return self._load_from_path(Path(self.config.resume.resume_path or ""), objects)
-        candidates = list(reversed(self.layout.committed_steps().items()))
+        # Rank 0's listing: on storage that lists lazily (NFS, object stores) ranks could see different sets.
+        candidates = distributed.on_rank0(lambda: list(reversed(self.layout.committed_steps().items())))
         if not candidates:
             logger.info("resume.mode=auto: no checkpoint in %s, starting fresh", self.layout.root)
             return None
@@ -132,17 +133,9 @@ class CheckpointLoader:
                 )
             return self.load(path, **objects)
         converted = self.layout.incomplete_root / f"converted-{path.name}"
-        error = None
-        if distributed.rank() == 0:
-            try:
-                convert_checkpoint(
-                    path, converted, trust_pickle=self.config.resume.trust_pickle, weights_only=self.config.resume.load_weight_only
-                )
-            except CheckpointError as err:
-                error = err
-        failure = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
-        if failure is not None:
-            raise error if error is not None else CheckpointError(failure)
+        distributed.on_rank0(lambda: convert_checkpoint(
+            path, converted, trust_pickle=self.config.resume.trust_pickle, weights_only=self.config.resume.load_weight_only,
+        ))
         try:
             return dataclasses.replace(self.load(converted, **objects), path=path)
         finally:
@@ -235,22 +228,17 @@ class CheckpointLoader:
         optimizer.pt costs), so above half the available memory this falls back to hashing
         first and loading after (a second read, usually from the page cache).
         """
-        error, info, contents = None, None, None
-        if distributed.rank() == 0:
-            try:
-                deferred = self._read_once_files(read_training_info(path)["manifest"], kind, load_optimizer) if self._reads_once() else []
-                raw = verify_checkpoint(path, checksums=self.config.verify_on_resume, deferred=deferred)
-                for name, data in read_verified(path, raw["manifest"], deferred).items():
-                    tensors = tensors_from_buffer(name, data)
-                    if tensors is not None:
-                        preloaded[name] = tensors
-                info, contents = TrainingInfo.from_json(raw), Contents.of(path, raw)
-            except CorruptCheckpointError as err:
-                error = (str(err.path), err.reason)
-        error, info, contents = distributed.broadcast_object((error, info, contents))
-        if error is not None:
-            raise CorruptCheckpointError(*error)
-        return info, contents
+
+        def verify() -> tuple[TrainingInfo, Contents]:
+            deferred = self._read_once_files(read_training_info(path)["manifest"], kind, load_optimizer) if self._reads_once() else []
+            raw = verify_checkpoint(path, checksums=self.config.verify_on_resume, deferred=deferred)
+            for name, data in read_verified(path, raw["manifest"], deferred).items():
+                tensors = tensors_from_buffer(name, data)
+                if tensors is not None:
+                    preloaded[name] = tensors
+            return TrainingInfo.from_json(raw), Contents.of(path, raw)
+
+        return distributed.on_rank0(verify)  # any failure (corrupt, unreadable, missing) raised on every rank
 
     def _reads_once(self) -> bool:
         return not distributed.is_distributed() and self.config.verify_on_resume

@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
@@ -26,7 +27,7 @@ import torch
 from . import distributed
 from .commit import CommitRequest, Committer
 from .config import CheckpointConfig, parse_duration
-from .errors import CheckpointError, CheckpointNotFoundError, CheckpointSaveError, ConfigError
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from .events import Subscriber, Subscribers
 from .eviction import IndexAndRetention, ranking_values
 from .hub.publish import HubPublishing
@@ -38,10 +39,19 @@ from .retention import RetentionPolicy, metric_value
 from .state.model import save_consolidated
 from .state.peft import save_adapter
 from .plan import classify_model
+from .preemption import PreemptionWatch
 from .weight_sync import publish
 from .write import CheckpointWriter, SaveInputs
 
 logger = logging.getLogger("hf_rl_ckpt")
+
+
+@dataclass(frozen=True)
+class SaveDecision:
+    """`should_save`'s answer for one step, as every rank agreed on it."""
+
+    step: int
+    save: bool
 
 
 @runtime_checkable
@@ -74,6 +84,9 @@ class CheckpointManagerProtocol(Protocol):
     @property
     def deadline_reached(self) -> bool: ...
 
+    @property
+    def preempted(self) -> bool: ...
+
     def finalize(self, terminate: bool = True) -> None: ...
 
 
@@ -103,7 +116,10 @@ class BaseCheckpointManager:
         self._deadline = (
             parse_duration(config.checkpoint_must_save_by, "checkpoint_must_save_by") if config.checkpoint_must_save_by else None
         )
-        self._deadline_saved = False
+        self._preemption = PreemptionWatch() if config.enabled and config.save_on_preemption else None
+        self._decision: SaveDecision | None = None  # the last should_save's, agreed by every rank
+        self._deadline_reached = self._preempted = False  # agreed, and once true they stay true
+        self._deadline_saved = self._preemption_saved = False
         self._warned_unranked = False
 
     def _check_name_template(self) -> None:
@@ -125,20 +141,46 @@ class BaseCheckpointManager:
 
     # ------------------------------------------------------------- policies
     def should_save(self, step: int) -> bool:
-        """True on every `save_period`-th step, and once when `checkpoint_must_save_by` is reached."""
+        """True on every `save_period`-th step, and once when `checkpoint_must_save_by` is reached or the job is preempted.
+
+        Every rank calls it at every step: the time budget and the preemption signal are
+        agreed among the ranks (one small all-reduce), so all of them answer alike even when
+        their clocks started apart or only one was signalled. Asking again for the same step
+        returns the same answer without another collective; the save itself marks the
+        deadline or preemption save done.
+        """
         if not self.config.enabled:
             return False
-        if self._deadline is not None and not self._deadline_saved and time.monotonic() - self._started >= self._deadline:
-            self._deadline_saved = True
-            logger.warning("checkpoint_must_save_by (%s) reached at step %d: saving now", self.config.checkpoint_must_save_by, step)
-            return True
+        if self._decision is None or self._decision.step != step:
+            self._decision = self._decide(step)
+        return self._decision.save
+
+    def _decide(self, step: int) -> SaveDecision:
+        if self._deadline is not None or self._preemption is not None:
+            deadline = self._deadline is not None and time.monotonic() - self._started >= self._deadline
+            signalled = self._preemption is not None and self._preemption.received is not None
+            deadline, signalled = distributed.any_rank(deadline, signalled)
+            if deadline and not self._deadline_reached:
+                logger.warning("checkpoint_must_save_by (%s) reached at step %d: saving now", self.config.checkpoint_must_save_by, step)
+            if signalled and not self._preempted:
+                received = self._preemption.signal_name if self._preemption else None
+                logger.warning("preempted (%s): saving step %d, then stopping", received or "a signal on another rank", step)
+            self._deadline_reached |= deadline
+            self._preempted |= signalled
         period = self.config.save_period
-        return period is not None and step > 0 and step % period == 0
+        periodic = period is not None and step > 0 and step % period == 0
+        owed = (self._deadline_reached and not self._deadline_saved) or (self._preempted and not self._preemption_saved)
+        return SaveDecision(step, periodic or owed)
 
     @property
     def deadline_reached(self) -> bool:
-        """True once the `checkpoint_must_save_by` save has been triggered (time to stop the job)."""
-        return self._deadline_saved
+        """True once every rank agreed that `checkpoint_must_save_by` is reached (save, then stop the job)."""
+        return self._deadline_reached
+
+    @property
+    def preempted(self) -> bool:
+        """True once every rank agreed that a preemption signal (SIGTERM, SIGUSR1) arrived (save, then stop the job)."""
+        return self._preempted
 
     def should_load(self) -> bool:
         """True when `resume` would load something."""
@@ -223,14 +265,18 @@ class CheckpointManager(BaseCheckpointManager):
         # Like checkpoint_dir (see CheckpointLayout): resolved once, so an os.chdir cannot move where weights are published.
         self._sync_weight_path = os.path.abspath(config.sync_weight_path) if config.sync_weight_path else None
         listeners: list[Subscriber] = [self._index]
-        if config.enabled and distributed.rank() == 0:
-            self.committer.open()
-            if not self.committer.read_only:
-                self._index.warn_about_other_settings()
-                if config.push_to_hub:  # publishing records its progress in checkpoints.json
-                    listeners.append(HubPublishing(config, self.registry))
+        if config.enabled:
+            distributed.on_rank0(self._open)  # the lock and recovery outcome, raised on every rank
+            if distributed.rank() == 0 and not self.committer.read_only and config.push_to_hub:
+                listeners.append(HubPublishing(config, self.registry))  # publishing records its progress in checkpoints.json
+            if self._preemption is not None:
+                self._preemption.install()
         self.events.extend([*listeners, *subscribers])
-        distributed.barrier()
+
+    def _open(self) -> None:
+        self.committer.open()
+        if not self.committer.read_only:
+            self._index.warn_about_other_settings()
 
     @property
     def read_only(self) -> bool:
@@ -283,7 +329,8 @@ class CheckpointManager(BaseCheckpointManager):
         """
         if not self.config.enabled:
             return None
-        record = CommitRequest.checked(step, metrics, epoch, extra_state, self.config.metric_name)
+        # Rank 0's records are the ones committed: checked there, and a refusal raised on every rank.
+        record = distributed.on_rank0(lambda: CommitRequest.checked(step, metrics, epoch, extra_state, self.config.metric_name))
         inputs = SaveInputs(
             record=record, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader, tokenizer=tokenizer,
             extra_files=dict(extra_files or {}),
@@ -299,7 +346,10 @@ class CheckpointManager(BaseCheckpointManager):
                 "and is kept only while it is the newest", self.config.metric_name, ", ".join(record.metrics) or "none", record.step,
                 self.config.keep_top_k,
             )
-        return self._writer.save(inputs, started)
+        path = self._writer.save(inputs, started, in_background=self.config.async_save and not self._preempted)  # the job is ending: write now
+        self._deadline_saved |= self._deadline_reached
+        self._preemption_saved |= self._preempted
+        return path
 
     def sync_weights(self, step: int, *, model: torch.nn.Module, tokenizer: Any | None = None) -> Path | None:
         """Publish the weights to `sync_weight_path` for an inference engine, every `sync_weight_period` steps.
@@ -311,21 +361,22 @@ class CheckpointManager(BaseCheckpointManager):
         """
         if not self.config.enabled or not self._sync_weight_path or step % self.config.sync_weight_period:
             return None
-        published = None
-        if distributed.rank() == 0:
-            kind = classify_model(model)
+        kind = classify_model(model)
 
-            def write(out: Path) -> dict[str, tuple[int, str]]:
-                if kind.peft:
-                    return save_adapter(kind.module, out, tokenizer=tokenizer)
-                return save_consolidated(
-                    kind.module, out, max_shard_size=self._writer.max_shard_size, tokenizer=tokenizer, weights_format=self.config.model_save_format,
-                )
+        def write(out: Path) -> dict[str, tuple[int, str]]:
+            if kind.peft:
+                return save_adapter(kind.module, out, tokenizer=tokenizer)
+            return save_consolidated(
+                kind.module, out, max_shard_size=self._writer.max_shard_size, tokenizer=tokenizer, weights_format=self.config.model_save_format,
+            )
 
+        def publish_weights() -> Path:
             published = publish(self._sync_weight_path, self.layout.step_name(step), write)
             logger.info("published weights of step %d to %s -> %s", step, self._sync_weight_path, published)
-        distributed.barrier()
-        return published
+            return published
+
+        published = distributed.on_rank0(publish_weights)
+        return published if distributed.rank() == 0 else None
 
     # ================================================================= load
     def resume(
@@ -402,6 +453,8 @@ class CheckpointManager(BaseCheckpointManager):
             if terminate:
                 self.events.close()
                 self.committer.lock.release()
+                if self._preemption is not None:
+                    self._preemption.uninstall()
 
 
 def load_manager_class(dotted: str) -> type:

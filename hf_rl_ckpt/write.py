@@ -8,8 +8,9 @@ failed never leaves the others waiting in a collective it will not join, and the
 raised on every rank with the failed rank named.
 
 With `async_save`, the parts' tensors are first copied into a host staging buffer; the
-training loop then goes on while a background thread writes them and rank 0 commits once
-every rank has reported through marker files (no collectives off the training thread).
+training loop then goes on while a background thread writes them; the ranks' threads
+exchange their digests (or failures) over a gloo process group of their own
+(`Ranks.side_channel`, which gives up after `async_rank_timeout`), and rank 0 commits.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import yaml
 
 from . import distributed
-from .async_save import AsyncCheckpointWriter, RankMarkers, SavePart, background_failure, run_parts
+from .async_save import AsyncCheckpointWriter, SavePart, run_parts
 from .commit import CommitRequest, Committer
 from .config import CheckpointConfig, parse_duration, parse_size, redact_secrets
 from .errors import CheckpointError, CheckpointSaveError
@@ -77,6 +78,11 @@ def _nothing() -> Digests:
     return {}
 
 
+def _describe(failed: Mapping[int, str]) -> str:
+    """Failures by rank, as an error message names them: "rank 1: OSError: disk full; rank 3: ..."."""
+    return "; ".join(f"rank {rank}: {report}" for rank, report in sorted(failed.items()))
+
+
 def summarize(plan: SavePlan) -> ModelSummary:
     module = plan.model.module
     dtype = weights_dtype(module)
@@ -100,10 +106,11 @@ class CheckpointWriter:
         # async_save: the staging buffer and the background write + commit
         self.background = AsyncCheckpointWriter(defer_optimizer_copy=config.async_defer_optimizer_copy)
         self.rank_timeout = parse_duration(config.async_rank_timeout, field_name="async_rank_timeout")
+        self._background_ranks: distributed.Ranks | None = None  # the async saves' side channel, made at the first one
 
     # ------------------------------------------------------------- the flow
-    def save(self, inputs: SaveInputs, started: float) -> Path:
-        """Write and commit (or, with `async_save`, stage for the background) one checkpoint on every rank."""
+    def save(self, inputs: SaveInputs, started: float, *, in_background: bool = False) -> Path:
+        """Write and commit (or, `in_background`, stage for the background thread) one checkpoint on every rank."""
         step = inputs.record.step
         staging = self.layout.incomplete_dir(step)
         error = None
@@ -113,9 +120,9 @@ class CheckpointWriter:
             except (OSError, CheckpointError) as err:  # read-only dir, lock taken by another process, disk full: reported below
                 error = err
         self._agree(step, staging, error)
-        faultpoint("save.staged")
         plan, parts, error = None, [], None
         try:
+            faultpoint("save.staged")
             plan = plan_save(
                 step, staging, self.ranks, model=inputs.model, optimizer=inputs.optimizer, scheduler=inputs.scheduler, dataloader=inputs.dataloader,
                 save_optimizer=self.config.save_optimizer, save_consolidated=self.config.save_consolidated,
@@ -125,14 +132,12 @@ class CheckpointWriter:
             error = err
         self._agree(step, staging, error)
         request = dataclasses.replace(inputs.record, model=summarize(plan), contents=plan.contents, world_size=plan.world_size, started=started)
-        in_background = self.config.async_save
         digests: Digests = {}
         here = [part for part in parts if not (in_background and part.background)]
         # A single process writes the parts concurrently (hashing on several cores); ranks of a job one by one.
         for part, error in run_parts(here, concurrently=not self.ranks.is_distributed):
             self._agree(step, staging, error)  # a failure is reported to every rank, then re-raised with the rank named
             digests.update(part)
-            faultpoint("save.part_written")
         if in_background:
             return self._stage_for_background(plan, [part for part in parts if part.background], digests, request)
         all_digests: Digests = {}
@@ -147,91 +152,101 @@ class CheckpointWriter:
         self._agree(step, staging, error)
         return self.layout.step_dir(step)
 
-    def _agree(self, step: int, staging: Path, error: Exception | None) -> None:
+    def _agree(self, step: int, staging: Path, error: Exception | None, ranks: distributed.Ranks | None = None) -> None:
         """Raise on every rank if any rank failed (rank 0 removes the staging directory first); else return on every rank."""
-        reports = self.ranks.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
-        failed = {rank: report for rank, report in enumerate(reports) if report is not None}
+        ranks = ranks or self.ranks
+        failed = ranks.failures(error)
         if not failed:
             return
-        if self.ranks.rank == 0:
+        if ranks.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        self.ranks.barrier()
+        ranks.barrier()
+        raise self._failed(step, _describe(failed)) from error
+
+    def _failed(self, step: int, detail: str, *, background: bool = False) -> CheckpointSaveError:
         previous = self.layout.latest()
-        detail = "; ".join(f"rank {rank}: {report}" for rank, report in failed.items())
-        raise CheckpointSaveError(
-            f"saving step {step} failed ({detail}); nothing was committed to {self.layout.root}"
-            + (f", the previous checkpoint {previous} is intact" if previous else "")
-        ) from error
+        return CheckpointSaveError(
+            f"{'the background (async) save of' if background else 'saving'} step {step} failed ({detail}); nothing was committed "
+            f"to {self.layout.root}" + (f", the previous checkpoint {previous} is intact" if previous else "")
+        )
 
     # ------------------------------------------------------------- async
     def _stage_for_background(self, plan: SavePlan, parts: list[SavePart], digests: Digests, request: CommitRequest) -> Path:
         """Training thread: copy the parts' tensors into the staging buffer, then hand write + commit to the thread."""
-        markers = RankMarkers(plan.staging, timeout=self.rank_timeout)
         error, deferred = None, []
         try:
-            if plan.rank == 0:
-                markers.reset()
+            if self._background_ranks is None:  # every rank is here, in the same order: the group is made collectively
+                self._background_ranks = self.ranks.side_channel(self.rank_timeout)
             deferred = self.background.stage(parts)  # optimizer state: copied by the thread before the optimizer's next step
         except Exception as err:  # reported to every rank below, then re-raised with the rank named
             error = err
         self._agree(plan.step, plan.staging, error)
-        self.background.submit(plan.step, lambda: self._write_and_commit(plan, parts, digests, markers, request, deferred))
+        ranks = self._background_ranks
+        self.background.submit(plan.step, lambda: self._write_and_commit(plan, parts, digests, ranks, request, deferred))
         logger.info("async save of step %d staged in %.3fs (%.1f MB buffered); writing and committing in the background",
                     plan.step, time.perf_counter() - request.started, self.background.buffer.nbytes() / 1e6)
         return self.layout.step_dir(plan.step)
 
-    def _write_and_commit(self, plan: SavePlan, parts: list[SavePart], digests: Digests, markers: RankMarkers, request: CommitRequest, deferred) -> None:
-        """Background thread: write the staged parts; rank 0 commits once every rank reported. No collectives."""
+    def _write_and_commit(
+        self, plan: SavePlan, parts: list[SavePart], digests: Digests, ranks: distributed.Ranks, request: CommitRequest, deferred: list,
+    ) -> None:
+        """Background thread: write the staged parts, exchange digests or failures over the side channel; rank 0 commits.
+
+        Every rank learns every rank's outcome from one all-gather, so a failure anywhere fails
+        the save on every rank, naming the rank; a rank that died or stalls past
+        `async_rank_timeout` fails it too, instead of leaving the others waiting.
+        """
         error = None
         try:
             for deferred_copy in deferred:  # first: the training loop's next optimizer step waits for these
                 deferred_copy.run(self.background.buffer)
             for part in parts:
                 digests.update(part.run())
-                faultpoint("save.part_written")
         except Exception as err:
             error = err
-        if plan.world_size > 1:
-            markers.report(plan.rank, digests, error)
-        if plan.rank != 0:
-            if error is not None:
-                raise error
-            return
         try:
-            all_digests = digests
-            if plan.world_size > 1:  # wait for every rank, even after a failure here, so nothing is written after the clean-up
-                try:
-                    all_digests = markers.collect(plan.world_size, plan.staging)
-                except CheckpointSaveError:
-                    if error is None:
-                        raise
-            if error is not None:
-                raise error
-            self.committer.commit(plan.staging, request, all_digests)
-        except BaseException:
+            reports = ranks.all_gather_object((digests, None if error is None else f"{type(error).__name__}: {error}"))
+        except Exception as err:  # gloo's timeout, or a peer that died: the save cannot be whole
+            reports = None
+            error = error or err
+            detail = f"rank {ranks.rank}: not every rank reported its part ({type(err).__name__}: {err}; async_rank_timeout is {self.rank_timeout:g}s)"
+        else:
+            failed = {rank: failure for rank, (_, failure) in enumerate(reports) if failure is not None}
+            detail = _describe(failed) if failed else None
+        if detail is None:
+            try:
+                if plan.writes_shared_files:
+                    all_digests: Digests = {}
+                    for rank_digests, _ in reports:
+                        all_digests.update(rank_digests)
+                    self.committer.commit(plan.staging, request, all_digests)
+                return
+            except Exception as err:  # sealing failed before the rename: nothing was committed
+                error, detail = err, f"rank {ranks.rank}: {type(err).__name__}: {err}"
+        if ranks.rank == 0:
             shutil.rmtree(plan.staging, ignore_errors=True)
-            raise
-        finally:
-            markers.reset()
+        raise self._failed(plan.step, detail, background=True) from error
 
     def drain(self) -> None:
         """Wait for the async save in flight, if any; if it failed on any rank, raise on every rank.
 
-        Runs in the training thread (the only place collectives run), at the start of every
-        `save` and in `finalize`, so a background failure is never silent.
+        Runs in the training thread, at the start of every `save` and in `finalize`, so a
+        background failure is never silent. After a failure the side channel is rebuilt at
+        the next async save (a timed-out gloo group cannot be trusted again); the ranks
+        agree on that here, on the job's group.
         """
         if not self.config.async_save:
             return
         failure = self.background.wait()
-        reports = self.ranks.all_gather_object(None if failure is None else (failure[0], f"{type(failure[1]).__name__}: {failure[1]}"))
-        failed = {rank: report for rank, report in enumerate(reports) if report is not None}
+        failed = self.ranks.failures(None if failure is None else failure[1])
         if not failed:
             return
-        if failure is not None:
-            raise background_failure(failure[0], failure[1], self.layout.latest())
-        step = next(iter(failed.values()))[0]
-        detail = "; ".join(f"rank {rank}: {report[1]}" for rank, report in failed.items())
-        raise CheckpointSaveError(f"the background (async) save of step {step} failed ({detail}); nothing was committed")
+        distributed.destroy_group(self._background_ranks.group if self._background_ranks else None)
+        self._background_ranks = None
+        if failure is not None and isinstance(failure[1], CheckpointSaveError):
+            raise failure[1]
+        step = failure[0] if failure is not None else self.background.step
+        raise self._failed(step, _describe(failed), background=True) from (failure[1] if failure else None)
 
     # ------------------------------------------------------------- parts
     def _parts(self, plan: SavePlan, inputs: SaveInputs) -> list[SavePart]:

@@ -146,7 +146,7 @@ def test_background_failure_surfaces_at_the_next_save_and_at_finalize(tmp_path, 
     started = time.perf_counter()
     path = manager.save(2, **objs.as_kwargs())
     assert time.perf_counter() - started < 0.2, "save() must return before the background write finishes"
-    with pytest.raises(CheckpointSaveError, match=r"step 2 failed \(OSError.*No space left.*step_1"):
+    with pytest.raises(CheckpointSaveError, match=r"step 2 failed \(rank 0: OSError.*No space left.*step_1"):
         manager.save(3, **objs.as_kwargs())
     assert not path.exists() and not any((tmp_path / ".incomplete").iterdir())
     assert [row.step for row in manager.checkpoints()] == [1]
@@ -304,16 +304,3 @@ def test_optimizer_state_is_copied_inside_save_when_deferring_is_off(make_object
     assert eager.stage([part]) == []
     assert eager.buffer.nbytes() == sum(t.numel() * t.element_size() for t in part.tensors.values()) > 0
     eager.close()
-
-
-def test_rank_markers_give_up_after_the_rank_timeout(tmp_path):
-    staging = tmp_path / ".incomplete" / "step_1"
-    staging.mkdir(parents=True)
-    markers = async_save.RankMarkers(staging, timeout=0.2)
-    markers.report(0, {"a.json": (2, "ab")}, None)
-    started = time.monotonic()
-    with pytest.raises(CheckpointSaveError, match=r"rank\(s\) \[1\] did not report their part of step_1 within 0.2s \(async_rank_timeout\)"):
-        markers.collect(2, staging)
-    assert time.monotonic() - started < 5
-    markers.report(1, {"b.json": (3, "cd")}, None)
-    assert markers.collect(2, staging) == {"a.json": (2, "ab"), "b.json": (3, "cd")}

@@ -203,11 +203,13 @@ def _delegating_init(self, config, **kwargs):
     self.inner, self.calls = CheckpointManager(config, **kwargs), []
 
 
+PROPERTIES = ("deadline_reached", "preempted")
+
 #: A custom manager with exactly the protocol's members, by delegation (not a CheckpointManager subclass).
 ProtocolOnlyManager = type(
     "ProtocolOnlyManager", (),
-    {"__init__": _delegating_init, "deadline_reached": property(lambda self: self.inner.deadline_reached),
-     **{name: _delegate(name) for name in PROTOCOL_MEMBERS if name != "deadline_reached"}},
+    {"__init__": _delegating_init, **{name: property(lambda self, name=name: getattr(self.inner, name)) for name in PROPERTIES},
+     **{name: _delegate(name) for name in PROTOCOL_MEMBERS if name not in PROPERTIES}},
 )
 
 
@@ -236,6 +238,6 @@ class OldProtocolManager:
 def test_custom_manager_class_is_loaded_and_checked(tmp_path):
     manager = create_manager(CheckpointConfig(checkpoint_dir=str(tmp_path), checkpoint_manager_class=f"{__name__}.ProtocolOnlyManager"))
     assert isinstance(manager, ProtocolOnlyManager) and isinstance(manager, CheckpointManagerProtocol)
-    missing = "resume, load_optimizer_state, load_rng_state, sync_weights, latest, deadline_reached"
+    missing = "resume, load_optimizer_state, load_rng_state, sync_weights, latest, deadline_reached, preempted"
     with pytest.raises(TypeError, match=f"missing {missing} "):
         create_manager(CheckpointConfig(checkpoint_manager_class=f"{__name__}.OldProtocolManager"))

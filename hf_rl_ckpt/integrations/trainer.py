@@ -264,8 +264,8 @@ class CheckpointCallback(TrainerCallback):
         step = state.global_step
         if self.manager.should_save(step):
             self._save_owed = True
-            if self.manager.deadline_reached:
-                control.should_training_stop = True  # checkpoint_must_save_by: save, then stop before the job's time runs out
+            if self.manager.deadline_reached or self.manager.preempted:
+                control.should_training_stop = True  # save, then stop before the job's time runs out or the node goes
         if self.config.sync_weight_path:
             self.manager.sync_weights(step, model=self._trainer.model, tokenizer=self._trainer.processing_class)
 
