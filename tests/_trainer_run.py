@@ -4,7 +4,8 @@ Exact-resume tests must stop a run by ending its process, so this file is also a
 
     python tests/_trainer_run.py '[{"kind": "causal", "ckpt_dir": ..., "out_dir": ..., "kill_after_save": 4}, ...]'
 
-runs each spec in turn and exits. Every run writes `out_dir/result.json` (global step and
+runs each spec in turn and exits (`kill_after_save: N` ends the process at once after the
+step-N checkpoint; `sigterm_during: N` sends it a SIGTERM during step N). Every run writes `out_dir/result.json` (global step and
 log history) and `out_dir/final.safetensors` (the model's state dict at the end), which the
 tests compare against an uninterrupted run.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +59,17 @@ class KillAfterSave(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os._exit(0)
+
+
+class SignalDuring(TrainerCallback):
+    """Sends this process a real SIGTERM during step `step` (as a scheduler or the kubelet would), before its end."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class StopAt(TrainerCallback):
@@ -105,6 +118,8 @@ def build_trainer(spec: dict[str, Any]) -> Trainer:
     callbacks: list[TrainerCallback] = [CheckpointCallback(ckpt_config)]
     if "kill_after_save" in spec:
         callbacks.append(KillAfterSave(spec["kill_after_save"]))
+    if "sigterm_during" in spec:
+        callbacks.append(SignalDuring(spec["sigterm_during"]))
     if "stop_at" in spec:
         callbacks.append(StopAt(spec["stop_at"]))
     out = str(Path(spec["out_dir"]) / "trainer")

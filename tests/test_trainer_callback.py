@@ -72,6 +72,19 @@ def test_killed_run_resumes_exactly(causal):
     R.assert_same_weights(causal.resumed["weights"], causal.reference["weights"])
 
 
+def test_sigterm_saves_the_step_reached_exits_0_and_the_rerun_resumes_exactly(causal, tmp_path):
+    """save_on_preemption (the default): a SIGTERM during step 5 (not a save_period step) saves step 5, stops, exits 0."""
+    ckpt = str(tmp_path / "ckpt")
+    R.finish(R.start([{**causal.spec, "ckpt_dir": ckpt, "out_dir": str(tmp_path / "signalled"), "sigterm_during": 5}]))
+    assert json.loads((tmp_path / "signalled" / "result.json").read_text())["global_step"] == 5
+    assert CheckpointLayout(ckpt).latest().name == "step_5"
+    R.finish(R.start([{**causal.spec, "ckpt_dir": ckpt, "out_dir": str(tmp_path / "resumed")}]))
+    resumed = R.result(tmp_path / "resumed")
+    assert resumed["global_step"] == 10
+    assert R.losses(resumed["log_history"]) == R.losses(causal.reference["log_history"])
+    R.assert_same_weights(resumed["weights"], causal.reference["weights"])
+
+
 def test_keeps_top_k_by_eval_loss_plus_newest(causal):
     evals = {e["step"]: e["eval_loss"] for e in causal.resumed["log_history"] if "eval_loss" in e}
     rows = CheckpointManager(CheckpointConfig(checkpoint_dir=str(causal.work / "ckpt"))).checkpoints()
