@@ -231,22 +231,30 @@ class CheckpointWriter:
         """Wait for the async save in flight, if any; if it failed on any rank, raise on every rank.
 
         Runs in the training thread, at the start of every `save` and in `finalize`, so a
-        background failure is never silent. After a failure the side channel is rebuilt at
-        the next async save (a timed-out gloo group cannot be trusted again); the ranks
-        agree on that here, on the job's group.
+        background failure is never silent. Once every rank's thread is done (agreed here,
+        on the job's group), rank 0 removes what a late rank may still have written into the
+        staging directory, and the side channel is rebuilt at the next async save (a gloo
+        group that timed out cannot be trusted again).
         """
         if not self.config.async_save:
             return
         failure = self.background.wait()
-        failed = self.ranks.failures(None if failure is None else failure[1])
-        if not failed:
+        error = None
+        if failure is not None:
+            step, cause = failure
+            error = cause if isinstance(cause, CheckpointSaveError) else self._failed(step, f"rank {self.ranks.rank}: {type(cause).__name__}: {cause}", background=True)
+        reports = [report for report in self.ranks.all_gather_object(None if error is None else str(error)) if report is not None]
+        if not reports:
             return
+        if self.ranks.rank == 0:
+            shutil.rmtree(self.layout.incomplete_dir(self.background.step), ignore_errors=True)
         distributed.destroy_group(self._background_ranks.group if self._background_ranks else None)
         self._background_ranks = None
-        if failure is not None and isinstance(failure[1], CheckpointSaveError):
-            raise failure[1]
-        step = failure[0] if failure is not None else self.background.step
-        raise self._failed(step, _describe(failed), background=True) from (failure[1] if failure else None)
+        if error is not None and error is failure[1]:
+            raise error  # keeps its cause: the rank's own exception
+        if error is not None:
+            raise error from failure[1]
+        raise CheckpointSaveError(reports[0])
 
     # ------------------------------------------------------------- parts
     def _parts(self, plan: SavePlan, inputs: SaveInputs) -> list[SavePart]:

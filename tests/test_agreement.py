@@ -11,7 +11,6 @@ import os
 import pickle
 import signal
 
-import pytest
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, verify_checkpoint
 from hf_rl_ckpt.distributed import on_rank0
