@@ -7,15 +7,26 @@ tests/dist/agreement.py under torchrun (gloo) and fail on a timeout, never waiti
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import load_file
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, verify_checkpoint
+from hf_rl_ckpt.layout import CheckpointLayout
 from hf_rl_ckpt.distributed import on_rank0
 from hf_rl_ckpt.errors import CheckpointLockedError, CorruptCheckpointError
 from training_objects import make_training_objects
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from dist_helpers import REPO, torchrun  # noqa: E402
 
 
 def _loop(manager: CheckpointManager, objs, steps: range, signal_at: int | None = None, signum: int = signal.SIGTERM) -> list[int]:
@@ -85,3 +96,75 @@ def test_errors_raised_on_rank_0_reach_the_other_ranks_with_their_type_and_field
         copy = pickle.loads(pickle.dumps(error))
         assert type(copy) is type(error) and str(copy) == str(error)
     assert on_rank0(lambda: {"step": 3}) == {"step": 3}
+
+
+# ---------------------------------------------------------------- under torchrun (gloo)
+AGREEMENT = Path(__file__).parent / "dist" / "agreement.py"
+#: fault-matrix cases per rank: 5 points x 2 wraps x 2 modes, on rank 0 (5 each) and on the last rank (3 each)
+MATRIX_CASES = 4 * (5 + 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_a_failure_at_any_fault_point_on_any_rank_fails_the_save_on_every_rank_and_keeps_the_previous(tmp_path, nproc):
+    torchrun(AGREEMENT, nproc, "faults", str(tmp_path / "runs"), str(tmp_path), timeout=300)
+    for rank in range(nproc):
+        rows = [json.loads(line) for line in (tmp_path / f"rank_{rank}.jsonl").read_text().splitlines()]
+        assert len(rows) == MATRIX_CASES
+        bad = [row for row in rows if not (
+            row["error"] and row["names_target"] and row["seconds"] < 60 and row["latest"] == "step_1"
+            and not row["committed"] and not row["leftovers"]
+        )]
+        assert not bad, f"rank {rank}: {bad[:3]}"
+    if nproc == 2:  # a rank that stalls past async_rank_timeout fails the async save on every rank instead of hanging it
+        torchrun(AGREEMENT, nproc, "faults", str(tmp_path / "stalled"), str(tmp_path / "stalled"), "--stall", timeout=180)
+        for rank in range(nproc):
+            (row,) = [json.loads(line) for line in (tmp_path / "stalled" / f"rank_{rank}.jsonl").read_text().splitlines()]
+            assert "not every rank reported its part" in row["error"] and "async_rank_timeout is 8s" in row["error"], row
+            assert row["seconds"] < 60 and row["latest"] == "step_1" and not row["leftovers"], row
+
+
+@pytest.mark.slow
+def test_ranks_whose_clocks_started_apart_write_one_checkpoint_at_one_step(tmp_path):
+    output = torchrun(AGREEMENT, 2, "skew", str(tmp_path / "run"), timeout=120)
+    assert output.count("skew OK") == 2
+
+
+@pytest.mark.slow
+def test_a_locked_checkpoint_dir_fails_the_constructor_on_every_rank(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(  # another live job (not an ancestor of the ranks, whose lock they would share)
+        [sys.executable, "-c", "import sys, time; from hf_rl_ckpt.lock import DirectoryLock; lock = DirectoryLock(sys.argv[1]); lock.acquire(); "
+         "print('held', flush=True); time.sleep(300)", str(run_dir)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        output = torchrun(AGREEMENT, 2, "lock", str(run_dir), timeout=120)
+        assert output.count("lock OK") == 2
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _losses(log: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in map(json.loads, log.read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_saves_once_on_every_rank_exits_0_and_resumes_exactly(tmp_path):
+    torchrun(AGREEMENT, 2, "train", str(tmp_path / "straight"), str(tmp_path / "straight.jsonl"), timeout=180)
+    reference = _losses(tmp_path / "straight.jsonl")
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+    for mode in ([], ["--async"]):
+        name = f"preempted{'-async' if mode else ''}"
+        run_dir, log = tmp_path / name, tmp_path / f"{name}.jsonl"
+        output = torchrun(AGREEMENT, 2, "train", str(run_dir), str(log), "--sigterm-at", "3", *mode, timeout=180)  # exit 0
+        assert "saved step 3 and stopped" in output and output.count("train OK") == 2
+        assert CheckpointLayout(run_dir).latest().name == "step_3" and sorted(CheckpointLayout(run_dir).committed_steps()) == [2, 3]
+        assert verify_checkpoint(run_dir / "step_3")["world_size"] == 2
+        assert "resumed from step 3" in torchrun(AGREEMENT, 2, "train", str(run_dir), str(log), *mode, timeout=180)
+        assert _losses(log) == reference, mode
+        final = [load_file(str(path / "step_6" / "model" / "consolidated" / "model.safetensors")) for path in (tmp_path / "straight", run_dir)]
+        assert all(torch.equal(final[0][name], final[1][name]) for name in final[0]), mode

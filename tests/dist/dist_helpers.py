@@ -7,6 +7,7 @@ tests/test_distributed.py / tests/test_accelerate.py (which put this folder on s
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -81,7 +82,13 @@ def torchrun(script: str | os.PathLike, nproc: int, *args: str, timeout: float =
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"torchrun {Path(script).name} {' '.join(args)} exited with {result.returncode}:\n{output[-6000:]}"
+    # A session of its own: on a timeout the whole job (torchrun and every rank) is killed, not left hanging.
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError(f"torchrun {Path(script).name} {' '.join(args)} did not finish within {timeout:g}s (a hang):\n{output[-6000:]}") from None
+    assert process.returncode == 0, f"torchrun {Path(script).name} {' '.join(args)} exited with {process.returncode}:\n{output[-6000:]}"
     return output
