@@ -2,9 +2,10 @@
 
 Agreement is the rule: a decision that could come out differently on different ranks (a
 clock, a signal, a file listing, the outcome of something only rank 0 does) is made once
-and shared, so no rank ever waits in a collective that another rank skipped. Two helpers
-carry it: `on_rank0` (rank 0 acts, every rank returns its result or raises its error) and
-`any_rank` (flags reduced over the ranks: true on every rank if true on one).
+and shared, so no rank ever waits in a collective that another rank skipped. Three helpers
+carry it: `on_rank0` (rank 0 acts, every rank returns its result or raises its error),
+`agreed` (every rank acts; if one fails, all raise) and `any_rank` (flags reduced over the
+ranks: true on every rank if true on one).
 """
 
 from __future__ import annotations
@@ -71,13 +72,13 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(value) for value in reduced.tolist())
 
 
-def _portable(error: Exception) -> Exception:
+def _portable(error: Exception, source: int) -> Exception:
     """`error` if it survives pickling (its type and fields reach the other ranks), else a CheckpointError saying what it was."""
     try:
         pickle.loads(pickle.dumps(error))
         return error
     except Exception:
-        return CheckpointError(f"rank 0: {type(error).__name__}: {error}")
+        return CheckpointError(f"rank {source}: {type(error).__name__}: {error}")
 
 
 def on_rank0(action: Callable[[], T]) -> T:
@@ -101,12 +102,34 @@ def on_rank0(action: Callable[[], T]) -> T:
         except Exception as err:
             error = err
     if is_distributed():
-        shared_result, shared_error = broadcast_object((result, None if error is None else _portable(error)))
+        shared_result, shared_error = broadcast_object((result, None if error is None else _portable(error, 0)))
         if rank() != 0:
             result, error = shared_result, shared_error
     if error is not None:
         raise error
     return result
+
+
+@contextlib.contextmanager
+def agreed() -> Iterator[None]:
+    """Run the block on every rank; if it raised on any rank, every rank raises the error of the lowest rank that failed.
+
+    For steps each rank does on its own (loading its weights, its RNG streams): a rank that
+    failed must not leave the others to go on into the training loop's next collective.
+    Every rank raises the same error type, so every rank takes the same `except` branch.
+    """
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as err:
+        error = err
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    for source, shared in enumerate(all_gather_object(None if error is None else _portable(error, rank()))):
+        if shared is not None:
+            raise error if source == rank() else shared
 
 
 def failures(error: BaseException | None, group: Any = None) -> dict[int, str]:

@@ -156,20 +156,21 @@ class CheckpointLoader:
         kind = classify_model(model)
         preloaded: Preloaded = {}
         info, contents = self._verified_info(path, kind=kind, load_optimizer=optimizer is not None and not weights_only, preloaded=preloaded)
-        folder = weights_dir(path, contents, kind)
-        if optimizer is not None and not weights_only:  # before the weights load: a misfit leaves the model as it was
-            check_optimizer_fits(kind.module, optimizer, optimizer_dir(path, contents))
-        if folder == ADAPTER_DIR:
-            load_adapter(kind.module, path / ADAPTER_DIR)
-        elif folder == SHARDED_DIR or kind.sharded:
-            load_sharded(kind.module, path / folder)
-        else:
-            load_consolidated(model, path / CONSOLIDATED_DIR, trust_pickle=self.config.resume.trust_pickle, preloaded=preloaded)
+        with distributed.agreed():  # a rank that cannot load fails the load on every rank, before training goes on
+            folder = weights_dir(path, contents, kind)
+            if optimizer is not None and not weights_only:  # before the weights load: a misfit leaves the model as it was
+                check_optimizer_fits(kind.module, optimizer, optimizer_dir(path, contents))
+            if folder == ADAPTER_DIR:
+                load_adapter(kind.module, path / ADAPTER_DIR)
+            elif folder == SHARDED_DIR or kind.sharded:
+                load_sharded(kind.module, path / folder)
+            else:
+                load_consolidated(model, path / CONSOLIDATED_DIR, trust_pickle=self.config.resume.trust_pickle, preloaded=preloaded)
+            if not weights_only:
+                self._load_optimizer(path, kind, contents, optimizer, scheduler, preloaded)
+                self._load_data_position(path, info, dataloader)
+                self.load_rng_state(path)
         state = ResumeState(step=info.step, path=path, epoch=info.epoch, metrics=info.metrics, extra=info.extra, weights_only=weights_only)
-        if not weights_only:
-            self._load_optimizer(path, kind, contents, optimizer, scheduler, preloaded)
-            self._load_data_position(path, info, dataloader)
-            self.load_rng_state(path)
         logger.info("resumed from %s (step %d%s) in %.2fs", path, state.step, ", weights only" if weights_only else "", time.perf_counter() - started)
         self._warn_if_later_steps(state.step)
         return state

@@ -103,5 +103,6 @@ def test_from_path_converts_a_foreign_folder_on_rank_0_alone_in_a_distributed_jo
     foreign = tmp_path / "checkpoint-3"
     build_model("llama", seed=0).save_pretrained(foreign)
     (foreign / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": []}))
+    torch.save({"state": {}, "param_groups": []}, foreign / "optimizer.pt")
     output = torchrun(Path(__file__).parent / "dist" / "from_path.py", 2, str(foreign), str(tmp_path / "run"), timeout=180)
     assert output.count("from_path OK") == 2, output

@@ -12,7 +12,8 @@ step's loss (rank 0, JSONL); with `--sigterm-at`, the last rank sends itself a r
 during that step and every rank must save that step, stop and exit 0. `faults`: the fault
 matrix (DDP and FSDP2, sync and async): an exception injected at each fault point on rank 0
 and on the last rank must fail the save on every rank naming the failed rank, within 60 s,
-leave nothing committed and step 1 loadable; `--stall` instead holds the last rank's async
+leave nothing committed and step 1 loadable (and a load that fails on the last rank only must
+raise on every rank); `--stall` instead holds the last rank's async
 write past `async_rank_timeout`. Each rank appends one JSON line per case to RESULTS/rank_<r>.jsonl.
 """
 
@@ -155,6 +156,20 @@ def step_once(model: torch.nn.Module, optimizer: torch.optim.Optimizer, seed: in
     optimizer.zero_grad()
 
 
+class Position:
+    """A data position (stateful dataloader) whose restore fails on rank `refuse_on`, like a rank with a different dataset."""
+
+    def __init__(self, refuse_on: int | None = None) -> None:
+        self.refuse_on = refuse_on
+
+    def state_dict(self) -> dict:
+        return {"batches": 7}
+
+    def load_state_dict(self, state: dict) -> None:
+        if rank() == self.refuse_on:
+            raise ValueError(f"data position refused on rank {rank()}")
+
+
 def failed_save(manager: CheckpointManager, step: int, objects: dict) -> tuple[str | None, float]:
     """The CheckpointSaveError of saving `step` (an async one surfaces at finalize), and the seconds until it was raised."""
     started = time.monotonic()
@@ -174,7 +189,7 @@ def fault_matrix(run_root: Path, results: Path, stall: bool) -> None:
         timeout = "00:00:00:08" if stall else "00:00:10:00"
         manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(run_dir), async_save=background, async_rank_timeout=timeout))
         model, optimizer = build(wrap, seed=0)
-        objects = dict(model=model, optimizer=optimizer, tokenizer=build_tokenizer())
+        objects = dict(model=model, optimizer=optimizer, tokenizer=build_tokenizer(), dataloader=Position())
         step_once(model, optimizer, 1)
         manager.save(1, **objects)
         manager.finalize(terminate=False)
@@ -198,6 +213,12 @@ def fault_matrix(run_root: Path, results: Path, stall: bool) -> None:
             with out.open("a") as file:
                 file.write(json.dumps(row) + "\n")
         fresh, fresh_optimizer = build(wrap, seed=5)
+        try:  # a load that fails on one rank only fails on every rank, with that rank's error
+            manager.load(run_dir / "step_1", model=fresh, optimizer=fresh_optimizer, dataloader=Position(refuse_on=last_rank()))
+        except ValueError as err:
+            assert str(err) == f"data position refused on rank {last_rank()}", err
+        else:
+            raise AssertionError(f"rank {rank()}: a load that failed on rank {last_rank()} returned here")
         manager.load(run_dir / "step_1", model=fresh, optimizer=fresh_optimizer)
         restored = full_state(fresh, fresh_optimizer)
         assert all(torch.equal(restored[name], tensor) for name, tensor in reference.items()), f"{wrap}: step_1 does not load back"
