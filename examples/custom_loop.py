@@ -53,6 +53,9 @@ def train(output_dir: str, max_steps: int, stop_at: int | None) -> list[float]:
             if manager.should_save(step) or step == max_steps:
                 manager.save(step, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader,
                              metrics={"val_loss": evaluate(model, validation), "train_loss": loss.item()}, tokenizer=tokenizer)
+            if manager.preempted:  # SIGTERM/SIGUSR1 (save_on_preemption): this step is saved; stop before the grace period ends
+                print(f"preempted: step {step} is saved; run again to resume")
+                sys.exit(0)
             if step == stop_at:
                 print(f"stopping at step {step} (simulated interruption)")
                 sys.exit(0)

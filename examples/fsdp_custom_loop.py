@@ -80,6 +80,9 @@ def train(args: argparse.Namespace) -> None:
             if manager.should_save(step) or step in (args.stop_at, args.max_steps):
                 manager.save(step, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader,
                              metrics={"loss": mean_loss.item()}, tokenizer=tokenizer)
+            if manager.preempted:  # SIGTERM/SIGUSR1 (save_on_preemption): this step is saved on every rank
+                print(f"rank {rank}: preempted, step {step} is saved; run again to resume", flush=True)
+                return
             if step == args.stop_at:
                 print(f"rank {rank}: stopping at step {step}; run again without --stop-at to resume", flush=True)
                 return  # without finalize(), as a preempted job would end

@@ -35,7 +35,7 @@ FAULT_POINTS = (
     "save.part_written",  # after each part: weights, optimizer, small per-rank state
     "commit.before_fsync",  # training_info.json written, tree not yet fsynced
     "commit.before_rename",  # whole and fsynced under .incomplete/, not yet renamed into place
-    "commit.after_rename",  # committed, registry not yet updated
+    "commit.after_rename",  # committed, registry not yet updated (arm `kill` here: a save cannot fail once it is in place)
     "retention.after_trash",  # evicted checkpoints moved to .trash/, registry not yet rewritten
     "retention.before_delete",  # registry rewritten, .trash/ not yet deleted
     "commit.before_hub_enqueue",  # registry final, the Hub push not yet queued

@@ -120,7 +120,7 @@ class BaseCheckpointManager:
         self._decision: SaveDecision | None = None  # the last should_save's, agreed by every rank
         self._deadline_reached = self._preempted = False  # agreed, and once true they stay true
         self._deadline_saved = self._preemption_saved = False
-        self._warned_unranked = False
+        self._warned_unranked = self._warned_still_running = False
 
     def _check_name_template(self) -> None:
         """Refuse a `checkpoint_name_template` other than the one this directory's checkpoints are named by.
@@ -167,6 +167,12 @@ class BaseCheckpointManager:
                 logger.warning("preempted (%s): saving step %d, then stopping", received or "a signal on another rank", step)
             self._deadline_reached |= deadline
             self._preempted |= signalled
+            if self._preemption_saved and not self._warned_still_running:
+                self._warned_still_running = True
+                logger.warning(
+                    "step %d: still training after the preemption save; stop the loop when manager.preempted is true "
+                    "(the Trainer callback does), or the job is killed mid-step when its grace period ends", step,
+                )
         period = self.config.save_period
         periodic = period is not None and step > 0 and step % period == 0
         owed = (self._deadline_reached and not self._deadline_saved) or (self._preempted and not self._preemption_saved)

@@ -165,9 +165,14 @@ class CheckpointWriter:
 
     def _failed(self, step: int, detail: str, *, background: bool = False) -> CheckpointSaveError:
         previous = self.layout.latest()
+        if background:
+            return CheckpointSaveError(
+                f"the background (async) save of step {step} failed ({detail}); nothing was committed to {self.layout.root}"
+                + (f", the previous checkpoint {previous} is intact" if previous else "")
+            )
         return CheckpointSaveError(
-            f"{'the background (async) save of' if background else 'saving'} step {step} failed ({detail}); nothing was committed "
-            f"to {self.layout.root}" + (f", the previous checkpoint {previous} is intact" if previous else "")
+            f"saving step {step} failed ({detail}); nothing was committed to {self.layout.root}"
+            + (f", the previous checkpoint {previous} is intact" if previous else "")
         )
 
     # ------------------------------------------------------------- async
