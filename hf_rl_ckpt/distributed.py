@@ -61,14 +61,18 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def any_rank(*flags: bool) -> tuple[bool, ...]:
-    """Each flag, true on every rank when it is true on any rank (one small all-reduce; cheap enough for every step)."""
+def any_rank(*flags: bool, group: Any = None) -> tuple[bool, ...]:
+    """Each flag, true on every rank when it is true on any rank (one small all-reduce; cheap enough for every step).
+
+    On a gloo `group` (`Ranks.side_channel`) the flags stay on the CPU: no GPU stream sync per call.
+    """
     if not is_distributed():
         return tuple(bool(flag) for flag in flags)
-    backend = str(dist.get_backend())
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend and torch.cuda.is_available() else torch.device("cpu")
+    backend = str(dist.get_backend(group))
+    on_gpu = "gloo" not in backend and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     reduced = torch.tensor([int(bool(flag)) for flag in flags], dtype=torch.int32, device=device)
-    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
     return tuple(bool(value) for value in reduced.tolist())
 
 
@@ -179,16 +183,22 @@ class Ranks:
         if self.is_distributed:
             dist.barrier(group=self.group)
 
-    def side_channel(self, timeout: float) -> Ranks:
+    def any_rank(self, *flags: bool) -> tuple[bool, ...]:
+        """See `any_rank`."""
+        return tuple(bool(flag) for flag in flags) if self.alone else any_rank(*flags, group=self.group)
+
+    def side_channel(self, timeout: float | None = None) -> Ranks:
         """The same ranks over a new gloo process group of their own; every rank must call this, in the same order.
 
-        Background threads (async saves) coordinate over it: their collectives never
+        Background threads (async saves) coordinate over one: their collectives never
         interleave with the training loop's on the job's group, whatever its backend, and a
-        rank that died or stalls makes them fail after `timeout` seconds instead of hanging.
+        rank that died or stalls makes them fail after `timeout` seconds (None: torch's
+        default) instead of hanging. The per-step decisions use another, so they stay on the
+        CPU even in an NCCL job.
         """
         if not self.is_distributed:
             return self
-        return Ranks(group=dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)))
+        return Ranks(group=dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout) if timeout else None))
 
 
 JOB = Ranks()

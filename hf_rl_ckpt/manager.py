@@ -118,6 +118,7 @@ class BaseCheckpointManager:
         )
         self._preemption = PreemptionWatch() if config.enabled and config.save_on_preemption else None
         self._decision: SaveDecision | None = None  # the last should_save's, agreed by every rank
+        self._deciding: distributed.Ranks | None = None  # the gloo group the decisions are agreed on, made at the first
         self._deadline_reached = self._preempted = False  # agreed, and once true they stay true
         self._deadline_saved = self._preemption_saved = False
         self._warned_unranked = self._warned_still_running = False
@@ -144,10 +145,10 @@ class BaseCheckpointManager:
         """True on every `save_period`-th step, and once when `checkpoint_must_save_by` is reached or the job is preempted.
 
         Every rank calls it at every step: the time budget and the preemption signal are
-        agreed among the ranks (one small all-reduce), so all of them answer alike even when
-        their clocks started apart or only one was signalled. Asking again for the same step
-        returns the same answer without another collective; the save itself marks the
-        deadline or preemption save done.
+        agreed among the ranks (one small all-reduce over a gloo group of their own: no GPU
+        sync), so all of them answer alike even when their clocks started apart or only one
+        was signalled. Asking again for the same step returns the same answer without
+        another collective; the save itself marks the deadline or preemption save done.
         """
         if not self.config.enabled:
             return False
@@ -159,7 +160,9 @@ class BaseCheckpointManager:
         if self._deadline is not None or self._preemption is not None:
             deadline = self._deadline is not None and time.monotonic() - self._started >= self._deadline
             signalled = self._preemption is not None and self._preemption.received is not None
-            deadline, signalled = distributed.any_rank(deadline, signalled)
+            if self._deciding is None:  # every rank asks at the same step: the group is made collectively
+                self._deciding = distributed.JOB.side_channel()
+            deadline, signalled = self._deciding.any_rank(deadline, signalled)
             if deadline and not self._deadline_reached:
                 logger.warning("checkpoint_must_save_by (%s) reached at step %d: saving now", self.config.checkpoint_must_save_by, step)
             if signalled and not self._preempted:
@@ -461,6 +464,8 @@ class CheckpointManager(BaseCheckpointManager):
                 self.committer.lock.release()
                 if self._preemption is not None:
                     self._preemption.uninstall()
+                distributed.destroy_group(self._deciding.group if self._deciding else None)
+                self._deciding = None
 
 
 def load_manager_class(dotted: str) -> type:
