@@ -28,9 +28,10 @@ from .convert import convert_checkpoint, detect_format
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, TRAINING_INFO, CheckpointLayout, dataloader_file, rng_file
 from .plan import ModelKind, classify_model
-from .records import Contents, TrainingInfo, WeightsFormat
+from .records import Contents, OptimizerFormat, TrainingInfo, WeightsFormat
 from .state.dataloader import load_dataloader
-from .state.model import load_consolidated
+from .state.deepspeed import check_zero_fits, gathered, load_partitioned, load_zero_optimizer, zero_optimizer
+from .state.model import load_consolidated, read_weights, weight_files
 from .state.optim import check_optimizer_fits, load_optimizer
 from .state.peft import load_adapter
 from .state.rng import load_rng
@@ -159,8 +160,14 @@ class CheckpointLoader:
         with distributed.agreed():  # a rank that cannot load fails the load on every rank, before training goes on
             folder = weights_dir(path, contents, kind)
             if optimizer is not None and not weights_only:  # before the weights load: a misfit leaves the model as it was
-                check_optimizer_fits(kind.module, optimizer, optimizer_dir(path, contents))
-            if folder == ADAPTER_DIR:
+                self._check_optimizer_fits(path, kind, contents, optimizer)
+            if kind.partitioned and folder == CONSOLIDATED_DIR:
+                load_partitioned(kind.module, self._rank0_weights(path / CONSOLIDATED_DIR), path / CONSOLIDATED_DIR)
+            elif folder == ADAPTER_DIR and kind.partitioned:  # ZeRO-3: rank 0 loads the gathered adapter, every rank keeps its slice
+                with gathered([param for param in kind.module.parameters() if param.requires_grad], from_rank0=True):
+                    if distributed.rank() == 0:
+                        load_adapter(kind.module, path / ADAPTER_DIR)
+            elif folder == ADAPTER_DIR:
                 load_adapter(kind.module, path / ADAPTER_DIR)
             elif folder == SHARDED_DIR or kind.sharded:
                 load_sharded(kind.module, path / folder)
@@ -180,9 +187,32 @@ class CheckpointLoader:
         path = Path(path)
         self._load_optimizer(path, classify_model(model), Contents.of(path), optimizer, scheduler)
 
+    def _rank0_weights(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The tensors of a consolidated folder on rank 0 (scattered from there into partitioned parameters), {} elsewhere."""
+        if distributed.rank() != 0:
+            return {}
+        return {name: tensor for path in weight_files(folder) for name, tensor in read_weights(path, trust_pickle=self.config.resume.trust_pickle).items()}
+
     @staticmethod
-    def _load_optimizer(path: Path, kind: ModelKind, contents: Contents, optimizer: Any, scheduler: Any, preloaded: Preloaded | None = None) -> None:
-        if optimizer is not None:
+    def _check_optimizer_fits(path: Path, kind: ModelKind, contents: Contents, optimizer: Any) -> None:
+        zero = zero_optimizer(optimizer)
+        if zero is not None or contents.optimizer is OptimizerFormat.ZERO:
+            if zero is None or contents.optimizer is not OptimizerFormat.ZERO:
+                raise StateMismatchError(
+                    f"{path} holds {'DeepSpeed ZeRO optimizer partitions' if zero is None else 'an optimizer saved without DeepSpeed'}, "
+                    f"this run's optimizer is {'not ' if zero is None else ''}a DeepSpeed ZeRO one; resume with the same setup, "
+                    "or set resume.load_weight_only: true to start a fresh optimizer from its weights"
+                )
+            check_zero_fits(zero, optimizer_dir(path, contents), distributed.rank(), distributed.world_size())
+            return
+        check_optimizer_fits(kind.module, optimizer, optimizer_dir(path, contents))
+
+    @classmethod
+    def _load_optimizer(cls, path: Path, kind: ModelKind, contents: Contents, optimizer: Any, scheduler: Any, preloaded: Preloaded | None = None) -> None:
+        if optimizer is not None and (contents.optimizer is OptimizerFormat.ZERO or zero_optimizer(optimizer) is not None):
+            cls._check_optimizer_fits(path, kind, contents, optimizer)
+            load_zero_optimizer(zero_optimizer(optimizer), optimizer_dir(path, contents), distributed.rank(), distributed.world_size())
+        elif optimizer is not None:
             load_optimizer(kind.module, optimizer, optimizer_dir(path, contents), preloaded=preloaded)
         if scheduler is not None:
             load_scheduler(scheduler, path / SCHEDULER_JSON)

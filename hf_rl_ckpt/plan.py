@@ -17,6 +17,7 @@ import torch
 
 from . import distributed
 from .records import Contents, OptimizerFormat, WeightsFormat
+from .state.deepspeed import is_partitioned, zero_optimizer
 from .state.model import unwrap_model
 from .state.optim import OptimizerSnapshot, capture_optimizer
 from .state.peft import is_peft_model
@@ -30,6 +31,7 @@ class ModelKind:
     module: torch.nn.Module
     peft: bool
     sharded: bool  # parameters are DTensors (FSDP2, tensor parallel): every rank holds a slice
+    partitioned: bool = False  # DeepSpeed ZeRO-3: every rank holds a slice; gathered into the consolidated folder
 
     @property
     def weights(self) -> WeightsFormat:
@@ -41,7 +43,7 @@ class ModelKind:
 
 def classify_model(model: torch.nn.Module) -> ModelKind:
     inner = unwrap_model(model)
-    return ModelKind(module=inner, peft=is_peft_model(inner), sharded=is_sharded(inner))
+    return ModelKind(module=inner, peft=is_peft_model(inner), sharded=is_sharded(inner), partitioned=is_partitioned(inner))
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class SavePlan:
     model: ModelKind
     optimizer: OptimizerSnapshot | None  # the optimizer state, tensors referenced (not copied)
     contents: Contents
+    zero: Any = None  # the DeepSpeed ZeRO optimizer, whose partitions every rank writes (instead of `optimizer`)
 
     @property
     def writes_shared_files(self) -> bool:
@@ -76,8 +79,11 @@ def plan_save(
         StateMismatchError: the optimizer holds parameters that are not the model's.
     """
     kind = classify_model(model)
-    snapshot = capture_optimizer(kind.module, optimizer) if optimizer is not None and save_optimizer else None
-    if snapshot is None:
+    zero = zero_optimizer(optimizer) if save_optimizer else None
+    snapshot = capture_optimizer(kind.module, optimizer) if optimizer is not None and save_optimizer and zero is None else None
+    if zero is not None:
+        optimizer_format = OptimizerFormat.ZERO
+    elif snapshot is None:
         optimizer_format = None
     elif snapshot.plain and not kind.sharded:  # every rank holds the whole (replicated) state: rank 0 streams it
         optimizer_format = OptimizerFormat.TENSORS
@@ -93,5 +99,5 @@ def plan_save(
     )
     return SavePlan(
         step=step, staging=staging, rank=ranks.rank, world_size=ranks.world_size, model=kind,
-        optimizer=snapshot, contents=contents,
+        optimizer=snapshot, contents=contents, zero=zero,
     )

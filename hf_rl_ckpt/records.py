@@ -33,6 +33,7 @@ class OptimizerFormat(str, enum.Enum):
 
     TENSORS = "tensors"  # streamed by rank 0: every rank held the whole state
     DCP = "dcp"  # written by every rank through torch.distributed.checkpoint
+    ZERO = "zero"  # written by every rank: its DeepSpeed ZeRO partition, optim/zero/rank_<r>.safetensors + .json
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,32 @@ def trainer_loaders(trainer: Any) -> dict[str, Callable[..., Any]]:
     return {name: getattr(trainer, name) for name in TRAINER_LOADERS}
 
 
+#: Under DeepSpeed, `Trainer` resumes through this function of its module (not a method one could override per trainer).
+TRAINER_DEEPSPEED_LOADER = "deepspeed_load_checkpoint"
+
+
+def dispatch_trainer_deepspeed_loader(ours: Callable[[Any], bool]) -> None:
+    """Route `transformers.trainer.deepspeed_load_checkpoint(engine, path, ...)` to nothing when `ours(path)`, else to the original.
+
+    Installed once per process; trainers resuming anything else are unaffected.
+    """
+    import transformers.trainer as trainer_module
+
+    original = getattr(trainer_module, TRAINER_DEEPSPEED_LOADER, None)
+    if not callable(original):
+        raise _missing("transformers", [TRAINER_DEEPSPEED_LOADER], "transformers.trainer")
+    if getattr(original, "_hf_rl_ckpt_dispatch", False):
+        return
+
+    def load(engine: Any, checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
+        if ours(checkpoint):
+            return None
+        return original(engine, checkpoint, *args, **kwargs)
+
+    load._hf_rl_ckpt_dispatch = True  # type: ignore[attr-defined]
+    setattr(trainer_module, TRAINER_DEEPSPEED_LOADER, load)
+
+
 # ------------------------------------------------------------------ accelerate.Accelerator
 #: Lists of what `Accelerator.prepare` and `register_for_checkpointing` registered; `save_state`
 #: reads the same ones. Public accessors exist for none of them.

@@ -42,6 +42,7 @@ from .records import ModelSummary, OptimizerFormat, WeightsFormat
 from .registry import Registry
 from .retention import RetentionPolicy
 from .state.dataloader import capture_dataloader
+from .state.deepspeed import gathered, gathered_state_dict, write_zero_optimizer
 from .state.model import deduplicated_state_dict, save_hf_metadata, save_weights, weights_dtype
 from .state.optim import write_optimizer_dcp, write_optimizer_tensors
 from .state.peft import save_adapter
@@ -286,6 +287,8 @@ class CheckpointWriter:
             return {name: write_bytes(safe_join(staging, name), data) for name, data in extra_files.items()} if shared else {}
 
         weights = plan.contents.weights
+        if plan.model.partitioned:  # ZeRO-3: every rank gathers, one module at a time; rank 0 writes
+            return self._partitioned_model_part(plan, tokenizer, write_extra_files)
         if weights is WeightsFormat.SHARDED:
 
             def write_sharded() -> Digests:
@@ -307,9 +310,36 @@ class CheckpointWriter:
 
         return SavePart("model", write_weights, tensors=deduplicated_state_dict(module))
 
+    def _partitioned_model_part(self, plan: SavePlan, tokenizer: Any, write_extra_files: Any) -> SavePart:
+        """A DeepSpeed ZeRO-3 model: its parameters gathered on every rank (collectives), written by rank 0."""
+        staging, module, shared = plan.staging, plan.model.module, plan.writes_shared_files
+
+        def write_adapter() -> Digests:
+            with gathered([param for param in module.parameters() if param.requires_grad]):
+                if not shared:
+                    return {}
+                return {**_prefixed(ADAPTER_DIR, save_adapter(module, staging / ADAPTER_DIR, tokenizer=tokenizer)), **write_extra_files()}
+
+        def write_consolidated() -> Digests:
+            state = gathered_state_dict(module)
+            if not shared:
+                return {}
+            out = staging / CONSOLIDATED_DIR
+            out.mkdir(parents=True, exist_ok=True)
+            save_hf_metadata(module, out, tokenizer)
+            weights = save_weights(deduplicated_state_dict(module, state), out, self.max_shard_size, self.config.model_save_format)
+            return {**_prefixed(CONSOLIDATED_DIR, weights), **write_extra_files()}
+
+        return SavePart("model", write_adapter if plan.model.peft else write_consolidated, background=False)
+
     def _optimizer_part(self, plan: SavePlan, optimizer: Any) -> SavePart:
-        """The optimizer state: streamed by rank 0 when every rank holds all of it (single process, DDP), else DCP on every rank."""
+        """The optimizer state: streamed by rank 0 when every rank holds all of it (single process, DDP), else DCP on every rank.
+
+        A DeepSpeed ZeRO optimizer: every rank writes its own partition (see `state.deepspeed`).
+        """
         snapshot, out = plan.optimizer, plan.staging / OPTIM_DIR
+        if plan.contents.optimizer is OptimizerFormat.ZERO:
+            return SavePart("optimizer", lambda: _prefixed(OPTIM_DIR, write_zero_optimizer(plan.zero, out, plan.rank, plan.world_size)), background=False)
         if snapshot is None:
             return SavePart("optimizer", _nothing)
         if plan.contents.optimizer is OptimizerFormat.TENSORS:

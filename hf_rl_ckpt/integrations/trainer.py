@@ -62,7 +62,7 @@ from ..config import STEP_METRIC, CheckpointConfig
 from ..errors import CheckpointError
 from ..layout import TRAINING_INFO
 from ..manager import CheckpointManager, create_manager
-from ..shims import trainer_loaders
+from ..shims import dispatch_trainer_deepspeed_loader, trainer_loaders
 from ..state.model import unwrap_model
 
 logger = logging.getLogger("hf_rl_ckpt")
@@ -184,6 +184,10 @@ class CheckpointCallback(TrainerCallback):
             return train(self._resume(resume_from_checkpoint), *args, **kwargs)
 
         trainer.train = train_with_resume
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            # Our checkpoint's weights load before train() (scattered under ZeRO-3) and its ZeRO optimizer partitions
+            # in `_load_optimizer_and_scheduler`: DeepSpeed's own loader, which reads global_stepN/ pickles, has nothing to do.
+            dispatch_trainer_deepspeed_loader(is_checkpoint)
         loaders = {
             "_load_from_checkpoint": lambda path, model=None: None,  # the train() wrapper loaded and verified the weights
             "_load_optimizer_and_scheduler": self._load_optimizer_and_scheduler,

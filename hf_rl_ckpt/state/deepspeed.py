@@ -1,0 +1,264 @@
+"""DeepSpeed ZeRO: consolidated weights from partitioned parameters, and the ZeRO optimizer's partitions without pickle.
+
+**Weights.** Under ZeRO-3 every rank holds a slice of each parameter (`param.ds_id`; the
+tensor itself is empty). `gathered_state_dict` gathers one module's parameters at a time on
+every rank (`deepspeed.zero.GatheredParameters`, the same walk as DeepSpeed's own
+`_zero3_consolidated_16bit_state_dict`) and keeps CPU copies on rank 0 only, so no rank
+ever holds the whole model on its accelerator; rank 0 writes the usual consolidated HF
+folder from them. `load_partitioned` is the reverse: rank 0 reads the folder and each
+module's parameters are scattered from it (`modifier_rank=0`).
+
+**Optimizer.** A ZeRO optimizer's state is per rank: the flat fp32 master partition(s) and
+the base optimizer's state over them. DeepSpeed's own checkpoint pickles it
+(`zero_pp_rank_*_optim_states.pt`, with a live `LossScaler` object inside). Here each rank
+writes `optim/zero/rank_<r>.safetensors` (every tensor of its `state_dict()`, by path) and
+`rank_<r>.json` (the rest of the structure, the loss scaler's numbers, the world size and
+ZeRO stage), and loads them back through the optimizer's own `load_state_dict`, exactly
+as `engine.load_checkpoint` does. The partitions belong to one data-parallel world size:
+a resume at another one is refused with a clear error (use `resume.load_weight_only` to
+start a new optimizer from the weights), rather than re-partitioned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+
+from .. import distributed
+from ..atomic import write_bytes
+from ..errors import CheckpointSaveError, StateMismatchError
+from .safetensors_io import write_safetensors
+
+FileDigests = dict[str, tuple[int, str]]
+
+ZERO_DIR = "zero"
+LOSS_SCALER = "loss_scaler"  # deepspeed.checkpoint.constants.LOSS_SCALER: a live object, stored as its numbers
+FP32_PARTITIONS = "single_partition_of_fp32_groups"  # ZeRO-1/2: this rank's fp32 master weights, padding removed
+
+
+def zero_optimizer(optimizer: Any) -> Any | None:
+    """The DeepSpeed ZeRO optimizer under `optimizer`'s wrappers (Accelerate's, the Trainer's), or None."""
+    if optimizer is None or "deepspeed" not in sys.modules:
+        return None
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    while optimizer is not None:
+        if isinstance(optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def is_partitioned(module: torch.nn.Module) -> bool:
+    """True when ZeRO-3 partitions the module's parameters (each rank holds a slice)."""
+    return any(hasattr(param, "ds_id") for param in module.parameters())
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.nn.Parameter], *, from_rank0: bool = False) -> Iterator[None]:
+    """`params` whole on every rank inside the block (every rank must enter it), then partitioned again.
+
+    `from_rank0`: what rank 0 wrote into them inside the block is what every rank keeps.
+    """
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if from_rank0 else None):
+        yield
+
+
+def _module_parameters(module: torch.nn.Module) -> Iterator[list[torch.nn.Parameter]]:
+    for sub in module.modules():
+        params = list(sub.parameters(recurse=False))
+        if params:
+            yield params
+
+
+def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict on rank 0 (CPU copies; tied weights share one tensor), {} on the others; every rank must call it."""
+    import deepspeed
+
+    rank0 = distributed.rank() == 0
+    full: dict[int, torch.Tensor] = {}
+    for params in _module_parameters(module):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if rank0:
+                for param in params:
+                    full.setdefault(id(param), param.detach().to("cpu", copy=True))
+    if not rank0:
+        return {}
+    state = module.state_dict(keep_vars=True)
+    return {name: full[id(value)] if id(value) in full else value.detach().to("cpu", copy=True) for name, value in state.items()}
+
+
+def load_partitioned(module: torch.nn.Module, read: Mapping[str, torch.Tensor], where: Path) -> None:
+    """Scatter rank 0's `read` (a consolidated state dict, tied weights stored once) into ZeRO-3 partitioned parameters.
+
+    Raises:
+        StateMismatchError: a parameter is missing from `read` or has another shape (on rank 0, before anything changed).
+    """
+    import deepspeed
+
+    rank0 = distributed.rank() == 0
+    names: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+
+    def source(param: torch.nn.Parameter) -> torch.Tensor:
+        for name in names[id(param)]:
+            if name in read:
+                return read[name]
+        raise StateMismatchError(f"checkpoint weights in {where} do not fit {type(module).__name__}: no tensor for {names[id(param)][0]}")
+
+    def check() -> None:
+        for params in _module_parameters(module):
+            for param in params:
+                tensor = source(param)
+                if tuple(tensor.shape) != tuple(param.ds_shape):
+                    raise StateMismatchError(
+                        f"checkpoint weights in {where} do not fit {type(module).__name__} (another architecture or config?): "
+                        f"{names[id(param)][0]} is {tuple(tensor.shape)} in the checkpoint, {tuple(param.ds_shape)} in the model"
+                    )
+
+    distributed.on_rank0(check)
+    for params in _module_parameters(module):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if rank0:
+                with torch.no_grad():
+                    for param in params:
+                        param.copy_(source(param))
+    buffers = dict(module.named_buffers())
+    for name, tensor in read.items():  # persistent buffers are not partitioned: every rank sets its own
+        if name in buffers:
+            with torch.no_grad():
+                buffers[name].copy_(tensor)
+
+
+# ---------------------------------------------------------------- optimizer partitions
+def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON for `value`, its tensors moved into `tensors` under their path; refused (naming the path) if neither can hold it."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach()
+        return {"tensor": path}
+    if isinstance(value, enum.Enum):
+        return _encode(value.value, path, tensors)
+    if isinstance(value, dict):
+        return {"dict": [[key, _encode(item, f"{path}.{key}", tensors)] for key, item in value.items()]}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _encode(dataclasses.asdict(value), path, tensors)
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(item, f"{path}.{i}", tensors) for i, item in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(item, f"{path}.{i}", tensors) for i, item in enumerate(value)]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise CheckpointSaveError(
+        f"the DeepSpeed ZeRO optimizer state holds {type(value).__name__} at {path}, which hf_rl_ckpt stores only as tensors "
+        "or JSON (never pickle); please report it with your DeepSpeed version"
+    )
+
+
+def _decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(item, tensors) for item in value]
+    if isinstance(value, dict):
+        if "tensor" in value:
+            return tensors[value["tensor"]]
+        if "tuple" in value:
+            return tuple(_decode(item, tensors) for item in value["tuple"])
+        return {key: _decode(item, tensors) for key, item in value["dict"]}
+    return value
+
+
+def _loss_scaler_numbers(scaler: Any) -> dict[str, Any]:
+    return {name: value for name, value in vars(scaler).items() if value is None or isinstance(value, (int, float, bool, str))}
+
+
+def zero_files(rank: int) -> tuple[str, str]:
+    """The files of rank `rank` under the checkpoint's `optim/` folder."""
+    return f"{ZERO_DIR}/rank_{rank}.safetensors", f"{ZERO_DIR}/rank_{rank}.json"
+
+
+def write_zero_optimizer(optimizer: Any, out_dir: Path, rank: int, world_size: int) -> FileDigests:
+    """This rank's ZeRO optimizer partition as safetensors + JSON under `out_dir` (the checkpoint's `optim/`)."""
+    state = dict(optimizer.state_dict())
+    scaler = state.pop(LOSS_SCALER, None)
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(state, "state", tensors)
+    document = {
+        "format": "hf_rl_ckpt.deepspeed_zero", "version": 1, "world_size": world_size, "rank": rank,
+        "zero_stage": 3 if _is_stage3(optimizer) else int(optimizer.partition_gradients) + 1,
+        "loss_scaler": _loss_scaler_numbers(scaler) if scaler is not None else None, "state": structure,
+    }
+    tensor_file, json_file = zero_files(rank)
+    (out_dir / ZERO_DIR).mkdir(parents=True, exist_ok=True)
+    contiguous = {name: tensor.contiguous() for name, tensor in tensors.items()}
+    return {
+        tensor_file: write_safetensors(out_dir / tensor_file, contiguous, {}),
+        json_file: write_bytes(out_dir / json_file, json.dumps(document).encode()),
+    }
+
+
+def _is_stage3(optimizer: Any) -> bool:
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    return isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
+
+
+def check_zero_fits(optimizer: Any, in_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's saved partition document, after checking it fits `optimizer` (before anything is loaded).
+
+    Raises:
+        StateMismatchError: the checkpoint was saved by another number of ranks, or another ZeRO stage.
+    """
+    _, json_file = zero_files(rank)
+    if not (in_dir / json_file).is_file():
+        saved = sorted(in_dir.glob(f"{ZERO_DIR}/rank_*.json"))
+        raise StateMismatchError(
+            f"{in_dir} holds DeepSpeed ZeRO optimizer partitions of {len(saved)} rank(s), none for rank {rank} of this "
+            f"{world_size}-rank job; resume with the world size that saved it, or set resume.load_weight_only: true "
+            "to start a fresh optimizer from its weights"
+        )
+    document = json.loads((in_dir / json_file).read_text())
+    stage = 3 if _is_stage3(optimizer) else int(optimizer.partition_gradients) + 1
+    if document["world_size"] != world_size or document["zero_stage"] != stage:
+        raise StateMismatchError(
+            f"{in_dir / json_file} is a ZeRO-{document['zero_stage']} partition of a {document['world_size']}-rank job; this job "
+            f"runs ZeRO-{stage} on {world_size} rank(s). Resume with the settings that saved it, or set resume.load_weight_only: "
+            "true to start a fresh optimizer from its weights"
+        )
+    return document
+
+
+def load_zero_optimizer(optimizer: Any, in_dir: Path, rank: int, world_size: int) -> None:
+    """Load this rank's partition from `in_dir` (a checkpoint's `optim/`) through the optimizer's own `load_state_dict`."""
+    document = check_zero_fits(optimizer, in_dir, rank, world_size)
+    stage = document["zero_stage"]
+    tensor_file, _ = zero_files(rank)
+    with safe_open(os.fspath(in_dir / tensor_file), framework="pt") as reader:
+        tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+    state = _decode(document["state"], tensors)
+    if document["loss_scaler"] is not None:
+        for name, value in document["loss_scaler"].items():
+            setattr(optimizer.loss_scaler, name, value)
+    state[LOSS_SCALER] = optimizer.loss_scaler
+    per_rank: list[Any] = [None] * world_size
+    per_rank[rank] = state
+    if stage == 3:
+        optimizer.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=True)
+        return
+    # ZeRO-1/2 rebuild the fp32 masters from every rank's partition (load_from_fp32_weights) or from the model's weights;
+    # the world size is the same, so this rank's own saved partition is exactly its master weights.
+    optimizer.load_state_dict(per_rank, load_optimizer_states=True, load_from_fp32_weights=False)
+    with torch.no_grad():
+        for master, saved in zip(optimizer.single_partition_of_fp32_groups, state[FP32_PARTITIONS]):
+            master[: saved.numel()].copy_(saved)
