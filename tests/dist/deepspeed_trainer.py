@@ -5,7 +5,7 @@
 Runs each spec in turn, as `tests/_trainer_run.py` does for one process: a tiny Llama (dropout
 on, shuffled data) trained `max_steps` with `save_period: 2`; `lora: true` trains a LoRA adapter
 instead; `kill_after_save: N` ends every rank right after the step-N checkpoint (so it must be
-the last spec). Rank 0 writes `out_dir/result.json` (global step, log history) and
+the last spec). Rank 0 writes `out_dir/result.json` (global step, steps this process ran, log history) and
 `out_dir/final.safetensors` (the whole model, gathered by DeepSpeed itself, not by hf_rl_ckpt).
 
 ZeRO-3 is configured with `stage3_param_persistence_threshold: 0`: a tiny model's parameters
@@ -28,6 +28,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from accelerate import PartialState  # noqa: E402
+from accelerate.state import AcceleratorState  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
@@ -45,6 +46,16 @@ class KillAfterSave(TrainerCallback):
         if state.global_step == self.step:
             sys.stdout.flush()
             os._exit(0)
+
+
+class CountSteps(TrainerCallback):
+    """How many optimizer steps this process ran (a resumed run runs only the steps after its checkpoint)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
 
 
 def deepspeed_config(stage: int) -> dict:
@@ -70,7 +81,8 @@ def build_model(lora: bool) -> torch.nn.Module:
 
 def run(spec: dict) -> None:
     checkpointing = CheckpointConfig(checkpoint_dir=spec["ckpt_dir"], save_period=2, metric_name="loss", higher_is_better=False, keep_top_k=2)
-    callbacks: list[TrainerCallback] = [CheckpointCallback(checkpointing)]
+    counter = CountSteps()
+    callbacks: list[TrainerCallback] = [CheckpointCallback(checkpointing), counter]
     if "kill_after_save" in spec:
         callbacks.append(KillAfterSave(spec["kill_after_save"]))
     args = TrainingArguments(
@@ -90,7 +102,9 @@ def run(spec: dict) -> None:
     if dist.get_rank() == 0:
         out = Path(spec["out_dir"])
         out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps({"global_step": trainer.state.global_step, "log_history": trainer.state.log_history}))
+        (out / "result.json").write_text(json.dumps({
+            "global_step": trainer.state.global_step, "steps_run": counter.steps, "log_history": trainer.state.log_history,
+        }))
         save_file(final, str(out / "final.safetensors"))
     dist.barrier()
 
@@ -99,6 +113,7 @@ def main(specs: list[dict]) -> None:
     PartialState(backend="gloo")
     torch.set_num_threads(1)
     for spec in specs:
+        AcceleratorState._reset_state()  # one DeepSpeed plugin per Accelerator state: each run starts its own (as accelerate's tests do)
         run(spec)
         print(f"rank {dist.get_rank()}: {spec['out_dir']} done", flush=True)
 

@@ -94,6 +94,9 @@ def serve() -> None:
         if request["cmd"] == "run":
             pid = os.fork()
             if pid == 0:
+                # stdout carries this protocol: whatever the child prints (DeepSpeed's accelerator detection, which
+                # accelerate triggers when deepspeed is installed, logs to stdout) must go to stderr instead.
+                os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
                 code = 0
                 try:
                     if request.get("fault"):
