@@ -3,9 +3,10 @@
     torchrun --nproc_per_node 2 deepspeed_trainer.py '[{"stage": 3, "ckpt_dir": ..., "out_dir": ...}, ...]'
 
 Runs each spec in turn, as `tests/_trainer_run.py` does for one process: a tiny Llama (dropout
-on, shuffled data) trained `max_steps` with `save_period: 2`; `lora: true` trains a LoRA adapter
-instead; `kill_after_save: N` ends every rank right after the step-N checkpoint (so it must be
-the last spec). Rank 0 writes `out_dir/result.json` (global step, steps this process ran, log history) and
+on, shuffled data) trained `max_steps` with `save_period: 2`; `base_dir: DIR` trains a LoRA
+adapter on the base model saved there instead; `kill_after_save: N` ends every rank right after
+the step-N checkpoint (so it must be the last spec); `expect_error: TEXT` expects `train()` to
+raise an error saying TEXT (and prints it). Rank 0 writes `out_dir/result.json` (global step, steps this process ran, log history) and
 `out_dir/final.safetensors` (the whole model, gathered by DeepSpeed itself, not by hf_rl_ckpt).
 
 ZeRO-3 is configured with `stage3_param_persistence_threshold: 0`: a tiny model's parameters
@@ -14,6 +15,7 @@ would otherwise all stay whole on every rank, and nothing would be partitioned.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -30,7 +32,7 @@ import torch.distributed as dist  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from hf_rl_ckpt import CheckpointCallback, CheckpointConfig  # noqa: E402
 from hf_rl_ckpt.testing import tiny  # noqa: E402
@@ -68,12 +70,12 @@ def deepspeed_config(stage: int) -> dict:
     }
 
 
-def build_model(lora: bool) -> torch.nn.Module:
-    model = tiny.build_model("llama", seed=1, dropout=0.1)
-    if not lora:
-        return model
+def build_model(spec: dict) -> torch.nn.Module:
+    if "base_dir" not in spec:
+        return tiny.build_model("llama", seed=1, dropout=0.1)
     from peft import LoraConfig, get_peft_model
 
+    model = AutoModelForCausalLM.from_pretrained(spec["base_dir"])  # under ZeRO-3: partitioned as it loads (zero.Init)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
@@ -92,10 +94,16 @@ def run(spec: dict) -> None:
     )
     tokenizer = tiny.build_tokenizer()
     trainer = Trainer(
-        model=build_model(spec.get("lora", False)), args=args, processing_class=tokenizer, callbacks=callbacks,
+        model=build_model(spec), args=args, processing_class=tokenizer, callbacks=callbacks,
         train_dataset=tiny.toy_lm_dataset(tokenizer, n=24, seq_len=16, seed=1),
     )
-    trainer.train()
+    try:
+        trainer.train()
+    except Exception as err:
+        if "expect_error" not in spec or spec["expect_error"] not in str(err):
+            raise
+        print(f"rank {dist.get_rank()}: refused as expected: {type(err).__name__}: {err}", flush=True)
+        return
     model = trainer.model
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         final = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
@@ -112,10 +120,14 @@ def run(spec: dict) -> None:
 def main(specs: list[dict]) -> None:
     PartialState(backend="gloo")
     torch.set_num_threads(1)
-    for spec in specs:
-        AcceleratorState._reset_state()  # one DeepSpeed plugin per Accelerator state: each run starts its own (as accelerate's tests do)
-        run(spec)
-        print(f"rank {dist.get_rank()}: {spec['out_dir']} done", flush=True)
+    try:
+        for spec in specs:
+            AcceleratorState._reset_state()  # one DeepSpeed plugin per Accelerator state: each run starts its own (as accelerate's tests do)
+            run(spec)
+            print(f"rank {dist.get_rank()}: {spec['out_dir']} done", flush=True)
+    finally:
+        gc.collect()  # engines and their groups, freed while gloo is alive (see examples/fsdp_custom_loop.py)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
