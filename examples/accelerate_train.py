@@ -5,6 +5,7 @@ Runs alike on one process and many:
     python examples/accelerate_train.py --output-dir runs/acc
     torchrun --nproc_per_node 2 examples/accelerate_train.py --cpu --output-dir runs/acc
     accelerate launch --multi_gpu --num_processes 2 examples/accelerate_train.py --output-dir runs/acc
+    torchrun --nproc_per_node 2 examples/accelerate_train.py --cpu --zero-stage 3 --output-dir runs/acc-zero3
 
 (`accelerate launch --multi_gpu` starts its processes through torchrun, so on a machine
 without GPUs it works too when the script gets `--cpu`; `accelerate launch --cpu` runs
@@ -45,12 +46,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is visible")
     parser.add_argument("--log-file", default=None, help="append one JSON line per step (step, loss) from the main process")
+    parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=None, help="train under DeepSpeed ZeRO-2 or ZeRO-3")
     return parser.parse_args(argv)
+
+
+def deepspeed_accelerator(stage: int, cpu: bool) -> Accelerator:
+    """An Accelerator with a DeepSpeed ZeRO plugin; on CPU, over gloo (DeepSpeed would ask for oneCCL)."""
+    import os
+
+    from accelerate import PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        PartialState(backend="gloo")
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 0} if stage == 3 else {"stage": stage}  # partition even tiny tensors
+    config = {"zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
+              "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=args.cpu)
+    accelerator = Accelerator(cpu=args.cpu) if args.zero_stage is None else deepspeed_accelerator(args.zero_stage, args.cpu)
     set_seed(args.seed)
     tokenizer = build_tokenizer()
     model = build_model("llama", seed=args.seed, dropout=0.1)

@@ -99,3 +99,23 @@ def test_resuming_zero_partitions_at_another_world_size_is_refused_with_a_clear_
     assert "refused as expected: StateMismatchError" in runs.one_rank
     assert "ZeRO-3 partition of a 2-rank job; this job runs ZeRO-3 on 1 rank(s)" in runs.one_rank
     assert "resume.load_weight_only: true" in runs.one_rank
+
+
+def _steps(log: Path) -> list[tuple[int, float]]:
+    return [(row["step"], row["loss"]) for row in map(json.loads, log.read_text().splitlines())]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_accelerate_save_state_under_zero_resumes_exactly(tmp_path, stage):
+    """`register_checkpointing` on an Accelerator with a DeepSpeed plugin (examples/accelerate_train.py --zero-stage)."""
+    example = Path(__file__).parents[1] / "examples" / "accelerate_train.py"
+    common = ["--cpu", "--zero-stage", str(stage), "--max-steps", "6", "--save-every", "3"]
+    torchrun(example, 2, *common, "--output-dir", str(tmp_path / "straight"), "--log-file", str(tmp_path / "straight.jsonl"), timeout=300)
+    resumed = ["--output-dir", str(tmp_path / "resumed"), "--log-file", str(tmp_path / "resumed.jsonl")]
+    torchrun(example, 2, *common, *resumed, "--stop-at", "4", timeout=300)
+    assert "resumed from step 4" in torchrun(example, 2, *common, *resumed, timeout=300)
+    assert _steps(tmp_path / "resumed.jsonl") == _steps(tmp_path / "straight.jsonl") and len(_steps(tmp_path / "straight.jsonl")) == 6
+    final = [load_file(str(tmp_path / run / "step_6" / "model" / "consolidated" / "model.safetensors")) for run in ("straight", "resumed")]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][name], final[1][name]) for name in final[0])
+    assert verify_checkpoint(tmp_path / "resumed" / "step_4")["contents"]["optimizer"] == "zero"
+    assert pickle_files(tmp_path / "straight") == [] and pickle_files(tmp_path / "resumed") == []
