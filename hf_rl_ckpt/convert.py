@@ -10,6 +10,11 @@ Recognised sources (`detect_format`):
   instead of the model: it becomes an adapter checkpoint (`model/adapter/`), and the base
   model's config comes from `base_model`, else from the adapter config's
   `base_model_name_or_path` (a local folder or a Hub id already in the local cache).
+  Written under DeepSpeed, the folder holds `latest` and `global_stepN/` instead of an
+  optimizer.pt (and, under ZeRO-3, no weights): the weights are merged from the ranks' fp32
+  partitions (as `zero_to_fp32.py` would), the ranks' ZeRO optimizer partitions become ours
+  (`optim/zero/`, for a resume at the same world size) and every rank's `rng_state_<r>.pth`
+  its RNG file.
 - `accelerate`: an `accelerator.save_state()` folder (`model.safetensors`, `optimizer.bin`,
   `scheduler.bin`, `random_states_0.pkl`). It holds no model config: pass `base_model`.
 - `nemo_rl`: NeMo-RL's legacy `step_N` layout: `policy/weights` and `policy/optimizer` as
@@ -50,13 +55,15 @@ from typing import Any, Callable, Mapping
 
 import torch
 import yaml
+from safetensors.torch import save as safetensors_save
 
 from .commit import CommitRequest
 from .errors import CheckpointError, CorruptCheckpointError
-from .layout import TRAINING_INFO
+from .layout import TRAINING_INFO, rng_file
 from .state.model import BIN_INDEX, BIN_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS, check_tensors, read_weights, weight_files
 from .state.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .state.pickled import DCP_METADATA, load_pickled, read_dcp, require_trust
+from .state.deepspeed import ZeroPartitions, read_zero_checkpoint
 from .state.rng import rng_snapshot
 from .write import SaveInputs, write_checkpoint
 
@@ -98,6 +105,8 @@ class SourceState:
     extra_files: dict[str, bytes] = field(default_factory=dict)
     training_config: dict[str, Any] = field(default_factory=dict)
     adapter_dir: Path | None = None
+    zero: ZeroPartitions | None = None  # a DeepSpeed run's ZeRO optimizer partitions, one per rank
+    rng_by_rank: list[tuple[Any, Any, torch.Tensor]] = field(default_factory=list)  # a multi-rank run's RNG states
 
 
 # ---------------------------------------------------------------- detection
@@ -109,11 +118,18 @@ def detect_format(path: str | os.PathLike) -> str | None:
     if (path / "policy" / "weights" / DCP_METADATA).is_file():
         return "nemo_rl"
     has_weights = any((path / name).is_file() for name in _WEIGHT_NAMES)
-    if (has_weights or _is_adapter_folder(path)) and (path / TRAINER_STATE).is_file():
+    if (has_weights or _is_adapter_folder(path) or _deepspeed_tag(path)) and (path / TRAINER_STATE).is_file():
         return "hf_trainer"
     if has_weights and ((path / "optimizer.bin").is_file() or any(path.glob("random_states_*.pkl"))):
         return "accelerate"
     return None
+
+
+def _deepspeed_tag(path: Path) -> str | None:
+    """The `global_stepN` folder DeepSpeed's `latest` file names in a Trainer checkpoint, or None."""
+    latest = path / "latest"
+    tag = latest.read_text().strip() if latest.is_file() else ""
+    return tag if tag and "/" not in tag and (path / tag).is_dir() else None
 
 
 def _is_adapter_folder(path: Path) -> bool:
@@ -169,11 +185,15 @@ class _TorchSaveParts:
         if (src / self.scheduler).is_file():
             source.scheduler = load_pickled(src / self.scheduler, trust_pickle=trust_pickle, what=what)
         if (src / self.rng).is_file():
-            rng = load_pickled(src / self.rng, trust_pickle=trust_pickle, what=what)
-            try:
-                source.rng = (rng[self.rng_keys[0]], rng[self.rng_keys[1]], rng[self.rng_keys[2]])
-            except (KeyError, TypeError) as err:
-                raise CorruptCheckpointError(src / self.rng, f"not an RNG state (no {err})") from err
+            source.rng = self.read_rng(src / self.rng, trust_pickle, source.format)
+
+    def read_rng(self, path: Path, trust_pickle: bool, fmt: str) -> tuple[Any, Any, torch.Tensor]:
+        """The python, numpy and torch CPU RNG states of one saved RNG file."""
+        rng = load_pickled(path, trust_pickle=trust_pickle, what=f"a {fmt} checkpoint part")
+        try:
+            return rng[self.rng_keys[0]], rng[self.rng_keys[1]], rng[self.rng_keys[2]]
+        except (KeyError, TypeError) as err:
+            raise CorruptCheckpointError(path, f"not an RNG state (no {err})") from err
 
 
 _TRAINER_PARTS = _TorchSaveParts("optimizer.pt", "scheduler.pt", "rng_state.pth", ("python", "numpy", "cpu"))
@@ -183,14 +203,20 @@ _ACCELERATE_PARTS = _TorchSaveParts("optimizer.bin", "scheduler.bin", "random_st
 # ---------------------------------------------------------------- readers
 def _read_hf_trainer(src: Path, *, trust_pickle: bool, weights_only: bool, base_model: str | None, step: int | None) -> SourceState:
     adapter = _is_adapter_folder(src)
-    files = [src / ADAPTER_WEIGHTS] if adapter else weight_files(src)
-    require_trust(_TRAINER_PARTS.pickles(src, weights_only, files), trust_pickle, f"converting the HF Trainer checkpoint {src}")
+    tag = _deepspeed_tag(src)
+    has_weights = adapter or any((src / name).is_file() for name in _WEIGHT_NAMES)
+    files = [src / ADAPTER_WEIGHTS] if adapter else (weight_files(src) if has_weights else [])
+    deepspeed_files = sorted((src / tag).glob("*.pt")) + sorted(src.glob("rng_state_*.pth")) if tag and not (weights_only and has_weights) else []
+    require_trust(_TRAINER_PARTS.pickles(src, weights_only, files) + deepspeed_files, trust_pickle, f"converting the HF Trainer checkpoint {src}")
     state = _read_json(src / TRAINER_STATE)
     if not isinstance(state, dict):
         raise CorruptCheckpointError(src / TRAINER_STATE, "expected a JSON object")
     global_step = step if step is not None else int(state.get("global_step") or _step_from_name(src) or 0)
     logged = [e for e in state.get("log_history") or [] if isinstance(e, dict) and e.get("step") == global_step]
-    weights, weights_file = _weights(files, trust_pickle)
+    zero_weights, zero = read_zero_checkpoint(src / tag, trust_pickle=trust_pickle) if deepspeed_files else (None, None)
+    weights, weights_file = _weights(files, trust_pickle) if files else (zero_weights, src / tag)
+    if weights is None:
+        raise CorruptCheckpointError(src, "holds no model weights (no model.safetensors, and a ZeRO-1/2 DeepSpeed folder keeps none)")
     source = SourceState(
         "hf_trainer", global_step, weights, weights_file, base_model or (_adapter_base(src) if adapter else str(src)), tokenizer_dir=src,
         metrics={k: v for entry in logged for k, v in _numbers(entry, ("step", "epoch")).items()},
@@ -198,6 +224,10 @@ def _read_hf_trainer(src: Path, *, trust_pickle: bool, weights_only: bool, base_
     )
     if not weights_only:
         _TRAINER_PARTS.read_into(source, src, trust_pickle)
+        if zero is not None:
+            source.zero = zero
+            ranks = sorted(src.glob("rng_state_*.pth"), key=lambda path: int(path.stem.rsplit("_", 1)[1]))
+            source.rng_by_rank = [_TRAINER_PARTS.read_rng(path, trust_pickle, source.format) for path in ranks]
     return source
 
 
@@ -490,7 +520,12 @@ def convert_checkpoint(
         raise CheckpointError(f"convert target {out} already exists; choose a new path or remove it first")
     source = _READERS[fmt](src, trust_pickle=trust_pickle, weights_only=weights_only, base_model=base_model, step=step)
     model = _build_model(source)
-    optimizer = _build_optimizer(model, source) if source.optimizer is not None else None
+    optimizer = source.zero if source.zero is not None else (_build_optimizer(model, source) if source.optimizer is not None else None)
+    if source.rng_by_rank:  # rank 0's RNG is the checkpoint's own; the other ranks' go in beside it
+        source.rng = source.rng_by_rank[0]
+        for rank, states in enumerate(source.rng_by_rank[1:], start=1):
+            tensors, metadata = rng_snapshot(*states)
+            source.extra_files[rng_file(rank)] = safetensors_save(tensors, metadata=metadata)
     inputs = SaveInputs(
         record=CommitRequest.checked(
             source.step, source.metrics, source.epoch,

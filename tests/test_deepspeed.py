@@ -44,7 +44,8 @@ def runs(tmp_path_factory):
     def launch(nproc: int, *specs: dict) -> str:
         return torchrun(SCRIPT, nproc, json.dumps(list(specs)), timeout=600)
 
-    launch(2, *(spec(kind, "reference", "reference-ckpt") for kind in KINDS), spec("zero2", "killed", "ckpt", kill_after_save=4))
+    references = [spec(kind, "reference", "reference-ckpt", trainer_saves=kind != "zero3-lora") for kind in KINDS]  # + checkpoint-N
+    launch(2, *references, spec("zero2", "killed", "ckpt", kill_after_save=4))
     launch(2, spec("zero2", "resumed", "ckpt"), spec("zero3", "killed", "ckpt", kill_after_save=4))
     launch(2, spec("zero3", "resumed", "ckpt"), spec("zero3-lora", "killed", "ckpt", kill_after_save=4))
     launch(2, spec("zero3-lora", "resumed", "ckpt"))
@@ -93,6 +94,25 @@ def test_zero3_lora_adapter_holds_every_trained_tensor_and_loads_with_auto_peft(
     model = AutoPeftModelForCausalLM.from_pretrained(adapter)
     state = {name.replace(".default", ""): tensor for name, tensor in model.state_dict().items() if "lora_" in name}
     assert all(torch.equal(state[name], saved[name]) for name in saved)
+
+
+@pytest.mark.parametrize("kind", ["zero2", "zero3"])
+def test_convert_turns_the_trainers_own_deepspeed_checkpoint_into_ours_bit_for_bit(runs, kind, tmp_path):
+    """`hf-rl-ckpt convert` of the Trainer's checkpoint-6 (global_step6/, latest, rng_state_<r>.pth) equals our step_6."""
+    from hf_rl_ckpt.convert import convert_checkpoint
+    from hf_rl_ckpt.errors import UntrustedPickleError
+
+    theirs, ours = runs.work / kind / "reference" / "trainer" / "checkpoint-6", runs.work / kind / "reference-ckpt" / "step_6"
+    assert (theirs / "latest").read_text().strip() == "global_step6"
+    with pytest.raises(UntrustedPickleError, match="global_step6"):
+        convert_checkpoint(theirs, tmp_path / "refused")
+    converted = convert_checkpoint(theirs, tmp_path / "converted", trust_pickle=True)
+    info = verify_checkpoint(converted)
+    assert info["step"] == 6 and info["contents"]["optimizer"] == "zero"
+    for name in ["model/consolidated/model.safetensors", *(f"optim/zero/rank_{r}.safetensors" for r in (0, 1)), "rng/rank_0.safetensors", "rng/rank_1.safetensors"]:
+        got, expected = load_file(str(converted / name)), load_file(str(ours / name))
+        assert got.keys() == expected.keys() and all(torch.equal(got[key], expected[key]) for key in got), name
+    assert pickle_files(converted) == []
 
 
 def test_resuming_zero_partitions_at_another_world_size_is_refused_with_a_clear_error(runs):

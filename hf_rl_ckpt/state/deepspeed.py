@@ -26,6 +26,7 @@ import dataclasses
 import enum
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -35,7 +36,8 @@ from safetensors import safe_open
 
 from .. import distributed
 from ..atomic import write_bytes
-from ..errors import CheckpointSaveError, StateMismatchError
+from ..errors import CheckpointSaveError, CorruptCheckpointError, StateMismatchError
+from .pickled import load_pickled
 from .safetensors_io import write_safetensors
 
 FileDigests = dict[str, tuple[int, str]]
@@ -45,8 +47,79 @@ LOSS_SCALER = "loss_scaler"  # deepspeed.checkpoint.constants.LOSS_SCALER: a liv
 FP32_PARTITIONS = "single_partition_of_fp32_groups"  # ZeRO-1/2: this rank's fp32 master weights, padding removed
 
 
+@dataclasses.dataclass
+class ZeroPartitions:
+    """Every rank's ZeRO optimizer `state_dict()` read from a DeepSpeed checkpoint (`hf-rl-ckpt convert`), written as ours."""
+
+    states: list[dict[str, Any]]
+    stage: int
+
+
+class _SavedNumbers:
+    """Built instead of DeepSpeed's loss scaler when its pickle is read weights-only: keeps the numbers, runs no code."""
+
+
+@dataclasses.dataclass
+class _FragmentAddress:
+    """Built instead of DeepSpeed's `fragment_address` (ZeRO-1/2 parameter slice mappings): the same two fields."""
+
+    numel: int = 0
+    start: int = 0
+
+
+def _stage_number(value: Any) -> int:
+    return int(value)
+
+
+#: What a DeepSpeed optimizer-states pickle holds besides tensors and plain data (see `pickled.load_pickled`).
+DEEPSPEED_STAND_INS = (
+    (_SavedNumbers, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+    (_SavedNumbers, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+    (_stage_number, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+    (_FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
+)
+
+
+def read_zero_checkpoint(tag_dir: Path, *, trust_pickle: bool) -> tuple[dict[str, torch.Tensor] | None, ZeroPartitions]:
+    """A DeepSpeed checkpoint folder (`global_stepN/`): ZeRO-3's full fp32 weights (None for ZeRO-1/2) and every rank's partition.
+
+    The weights are merged from the ranks' fp32 partitions as DeepSpeed's `zero_to_fp32.py`
+    does, but every file is read with `torch.load(weights_only=True)` (behind `trust_pickle`).
+    """
+    def rank_of(path: Path) -> int:
+        return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
+
+    optim_files = sorted(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=rank_of)
+    if not optim_files:
+        raise CorruptCheckpointError(tag_dir, "no zero_pp_rank_*_mp_rank_00_optim_states.pt: not a DeepSpeed ZeRO checkpoint folder")
+    what = f"reading the DeepSpeed checkpoint {tag_dir}"
+    states = [load_pickled(path, trust_pickle=trust_pickle, what=what, stand_ins=DEEPSPEED_STAND_INS)["optimizer_state_dict"] for path in optim_files]
+    stage = int(states[0]["zero_stage"])
+    if stage != 3:
+        return None, ZeroPartitions(states, stage)
+    model_states = load_pickled(optim_files[0].with_name(optim_files[0].name.replace("optim_states", "model_states")), trust_pickle=trust_pickle, what=what)
+    shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
+    flat = [torch.cat(list(state["fp32_flat_groups"]), 0) for state in states]
+    world_size, offset, weights = len(states), 0, {}
+    for name, shape in shapes.items():
+        numel = int(torch.Size(shape).numel())
+        per_rank = -(-numel // world_size)  # each rank holds ceil(numel / world_size), the last one padded
+        weights[name] = torch.cat([part.narrow(0, offset, per_rank) for part in flat]).narrow(0, 0, numel).view(shape).clone()
+        offset += per_rank
+    for alias, source in (model_states.get("shared_params") or {}).items():
+        weights.setdefault(alias, weights[source])
+    for name in model_states.get("buffer_names") or []:
+        weights[name] = model_states["module"][name]
+    return weights, ZeroPartitions(states, stage)
+
+
 def zero_optimizer(optimizer: Any) -> Any | None:
-    """The DeepSpeed ZeRO optimizer under `optimizer`'s wrappers (Accelerate's, the Trainer's), or None."""
+    """The DeepSpeed ZeRO optimizer under `optimizer`'s wrappers (Accelerate's, the Trainer's), or None.
+
+    `ZeroPartitions` (read from a DeepSpeed checkpoint by `hf-rl-ckpt convert`) count as one.
+    """
+    if isinstance(optimizer, ZeroPartitions):
+        return optimizer
     if optimizer is None or "deepspeed" not in sys.modules:
         return None
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -189,14 +262,25 @@ def zero_files(rank: int) -> tuple[str, str]:
 
 
 def write_zero_optimizer(optimizer: Any, out_dir: Path, rank: int, world_size: int) -> FileDigests:
-    """This rank's ZeRO optimizer partition as safetensors + JSON under `out_dir` (the checkpoint's `optim/`)."""
-    state = dict(optimizer.state_dict())
+    """This rank's ZeRO optimizer partition as safetensors + JSON under `out_dir` (the checkpoint's `optim/`).
+
+    For `ZeroPartitions` (a conversion, in one process), every rank's partition.
+    """
+    if isinstance(optimizer, ZeroPartitions):
+        digests: FileDigests = {}
+        for index, state in enumerate(optimizer.states):
+            digests.update(_write_partition(state, optimizer.stage, out_dir, index, len(optimizer.states)))
+        return digests
+    return _write_partition(optimizer.state_dict(), _stage_of(optimizer), out_dir, rank, world_size)
+
+
+def _write_partition(state: Mapping[str, Any], stage: int, out_dir: Path, rank: int, world_size: int) -> FileDigests:
+    state = dict(state)
     scaler = state.pop(LOSS_SCALER, None)
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(state, "state", tensors)
     document = {
-        "format": "hf_rl_ckpt.deepspeed_zero", "version": 1, "world_size": world_size, "rank": rank,
-        "zero_stage": 3 if _is_stage3(optimizer) else int(optimizer.partition_gradients) + 1,
+        "format": "hf_rl_ckpt.deepspeed_zero", "version": 1, "world_size": world_size, "rank": rank, "zero_stage": stage,
         "loss_scaler": _loss_scaler_numbers(scaler) if scaler is not None else None, "state": structure,
     }
     tensor_file, json_file = zero_files(rank)
@@ -208,10 +292,10 @@ def write_zero_optimizer(optimizer: Any, out_dir: Path, rank: int, world_size: i
     }
 
 
-def _is_stage3(optimizer: Any) -> bool:
+def _stage_of(optimizer: Any) -> int:
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
-    return isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
+    return 3 if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3) else int(optimizer.partition_gradients) + 1
 
 
 def check_zero_fits(optimizer: Any, in_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
@@ -229,7 +313,7 @@ def check_zero_fits(optimizer: Any, in_dir: Path, rank: int, world_size: int) ->
             "to start a fresh optimizer from its weights"
         )
     document = json.loads((in_dir / json_file).read_text())
-    stage = 3 if _is_stage3(optimizer) else int(optimizer.partition_gradients) + 1
+    stage = _stage_of(optimizer)
     if document["world_size"] != world_size or document["zero_stage"] != stage:
         raise StateMismatchError(
             f"{in_dir / json_file} is a ZeRO-{document['zero_stage']} partition of a {document['world_size']}-rank job; this job "

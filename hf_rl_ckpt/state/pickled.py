@@ -45,8 +45,8 @@ def require_trust(paths: list[Path], trust_pickle: bool, what: str) -> None:
         raise UntrustedPickleError(paths, what)
 
 
-def _torch_load(source: str | os.PathLike | io.BytesIO, name: str | os.PathLike) -> Any:
-    with torch.serialization.safe_globals(_NUMPY_RNG_TYPES):
+def _torch_load(source: str | os.PathLike | io.BytesIO, name: str | os.PathLike, stand_ins: tuple[tuple[Any, str], ...] = ()) -> Any:
+    with torch.serialization.safe_globals([*_NUMPY_RNG_TYPES, *stand_ins]):
         try:
             return torch.load(source, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
@@ -58,13 +58,18 @@ def _torch_load(source: str | os.PathLike | io.BytesIO, name: str | os.PathLike)
             raise CorruptCheckpointError(name, f"not a readable torch.save file ({type(err).__name__}: {err})") from err
 
 
-def load_pickled(path: str | os.PathLike, *, trust_pickle: bool, what: str) -> Any:
-    """`torch.load(path, weights_only=True)` behind the trust gate; errors name the file."""
+def load_pickled(path: str | os.PathLike, *, trust_pickle: bool, what: str, stand_ins: tuple[tuple[Any, str], ...] = ()) -> Any:
+    """`torch.load(path, weights_only=True)` behind the trust gate; errors name the file.
+
+    `stand_ins`: (harmless callable, "module.Name") pairs that the pickle's references to
+    `module.Name` build instead of the real class (e.g. a plain object keeping a DeepSpeed
+    loss scaler's numbers), so a file holding a few known objects still loads weights-only.
+    """
     path = Path(path)
     require_trust([path], trust_pickle, what)
     if not path.is_file():
         raise CorruptCheckpointError(path, "missing")
-    return _torch_load(path, path)
+    return _torch_load(path, path, stand_ins)
 
 
 def load_pickled_tensors(path: str | os.PathLike, *, trust_pickle: bool) -> dict[str, torch.Tensor]:

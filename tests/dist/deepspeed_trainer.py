@@ -89,7 +89,7 @@ def run(spec: dict) -> None:
         callbacks.append(KillAfterSave(spec["kill_after_save"]))
     args = TrainingArguments(
         str(Path(spec["out_dir"]) / "trainer"), max_steps=spec.get("max_steps", 6), per_device_train_batch_size=2,
-        learning_rate=3e-3, warmup_steps=2, logging_steps=1, save_strategy="no", report_to="none", seed=7, disable_tqdm=True,
+        learning_rate=3e-3, warmup_steps=2, logging_steps=1, save_strategy="steps" if spec.get("trainer_saves") else "no", save_steps=2, report_to="none", seed=7, disable_tqdm=True,
         deepspeed=deepspeed_config(spec["stage"]), accelerator_config={"use_configured_state": True}, bf16=False,
     )
     tokenizer = tiny.build_tokenizer()
