@@ -12,6 +12,12 @@ Checked against (the floors are `ci/oldest.txt`, run by `.ci/run` next to the ne
 | torch        | 2.13           | 2.13           |
 | transformers | 5.18.0         | 5.25.0         |
 | accelerate   | 1.13.0         | 1.16.0         |
+| deepspeed    | 0.19.8         | 0.19.8         |
+
+DeepSpeed's ZeRO optimizers are driven through their own `state_dict`/`load_state_dict`; what
+`state/deepspeed.py` reads besides (`loss_scaler`, `partition_gradients`,
+`single_partition_of_fp32_groups`, `GatheredParameters`) is checked by tests/test_deepspeed.py
+against the release in the table.
 
 Where a public API does the job it is used instead (Accelerate's
 `register_save_state_pre_hook`, torch's `Optimizer.register_step_pre_hook`, DCP's
