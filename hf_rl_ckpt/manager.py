@@ -13,6 +13,7 @@ and hand over their objects; the modules behind this facade decide *how*:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -36,6 +37,7 @@ from .load import CheckpointLoader, ResumeState
 from .records import CheckpointRecord, Contents
 from .registry import Registry
 from .retention import RetentionPolicy, metric_value
+from .state.deepspeed import gathered, gathered_state_dict
 from .state.model import save_consolidated
 from .state.peft import save_adapter
 from .plan import classify_model
@@ -371,12 +373,14 @@ class CheckpointManager(BaseCheckpointManager):
         if not self.config.enabled or not self._sync_weight_path or step % self.config.sync_weight_period:
             return None
         kind = classify_model(model)
+        state = None  # DeepSpeed ZeRO-3 parameters are gathered by every rank (below), then written by rank 0
 
         def write(out: Path) -> dict[str, tuple[int, str]]:
             if kind.peft:
                 return save_adapter(kind.module, out, tokenizer=tokenizer)
             return save_consolidated(
                 kind.module, out, max_shard_size=self._writer.max_shard_size, tokenizer=tokenizer, weights_format=self.config.model_save_format,
+                state=state,
             )
 
         def publish_weights() -> Path:
@@ -384,7 +388,11 @@ class CheckpointManager(BaseCheckpointManager):
             logger.info("published weights of step %d to %s -> %s", step, self._sync_weight_path, published)
             return published
 
-        published = distributed.on_rank0(publish_weights)
+        adapter = [param for param in kind.module.parameters() if param.requires_grad] if kind.partitioned and kind.peft else None
+        with gathered(adapter) if adapter is not None else contextlib.nullcontext():
+            if kind.partitioned and not kind.peft:
+                state = gathered_state_dict(kind.module)
+            published = distributed.on_rank0(publish_weights)
         return published if distributed.rank() == 0 else None
 
     # ================================================================= load

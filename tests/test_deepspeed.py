@@ -44,7 +44,7 @@ def runs(tmp_path_factory):
     def launch(nproc: int, *specs: dict) -> str:
         return torchrun(SCRIPT, nproc, json.dumps(list(specs)), timeout=600)
 
-    references = [spec(kind, "reference", "reference-ckpt", trainer_saves=kind != "zero3-lora") for kind in KINDS]  # + checkpoint-N
+    references = [spec(kind, "reference", "reference-ckpt", trainer_saves=kind != "zero3-lora", sync=True) for kind in KINDS]
     launch(2, *references, spec("zero2", "killed", "ckpt", kill_after_save=4))
     launch(2, spec("zero2", "resumed", "ckpt"), spec("zero3", "killed", "ckpt", kill_after_save=4))
     launch(2, spec("zero3", "resumed", "ckpt"), spec("zero3-lora", "killed", "ckpt", kill_after_save=4))
@@ -80,6 +80,20 @@ def test_the_consolidated_folder_loads_with_from_pretrained_and_equals_the_gathe
     assert loaded.keys() == gathered.keys()
     assert all(torch.equal(loaded[name], gathered[name]) for name in gathered)
     assert loaded["lm_head.weight"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sync_weight_path_publishes_the_gathered_weights(runs, kind):
+    """sync_weight_path under ZeRO: the published folder (step 6) holds the trained weights, not ZeRO-3's empty slices."""
+    published = (runs.work / kind / "reference" / "sync").resolve()
+    gathered = _result(runs.work / kind / "reference")["weights"]
+    if kind == "zero3-lora":
+        saved = load_file(str(published / "adapter_model.safetensors"))
+        gathered = {name.replace(".default", ""): tensor for name, tensor in gathered.items() if "lora_" in name}
+    else:
+        saved = load_file(str(published / "model.safetensors"))
+    assert published.name.endswith("6") and saved.keys() == gathered.keys()
+    assert all(torch.equal(saved[name], gathered[name]) for name in saved)
 
 
 def test_zero3_lora_adapter_holds_every_trained_tensor_and_loads_with_auto_peft(runs):

@@ -145,12 +145,16 @@ def save_consolidated(
     max_shard_size: int,
     tokenizer: Any | None = None,
     weights_format: WeightsFormat = "safetensors",
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> FileDigests:
-    """Write the HF-format folder of `model` (weights, config, generation config, tokenizer)."""
+    """Write the HF-format folder of `model` (weights, config, generation config, tokenizer).
+
+    `state`: the weights to write when the model's own are partitioned (DeepSpeed ZeRO-3, gathered by the caller).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inner = unwrap_model(model)
-    digests = save_weights(deduplicated_state_dict(inner), out_dir, max_shard_size, weights_format)
+    digests = save_weights(deduplicated_state_dict(inner, state), out_dir, max_shard_size, weights_format)
     save_hf_metadata(inner, out_dir, tokenizer)
     return digests
 

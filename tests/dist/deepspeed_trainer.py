@@ -6,7 +6,9 @@ Runs each spec in turn, as `tests/_trainer_run.py` does for one process: a tiny 
 on, shuffled data) trained `max_steps` with `save_period: 2`; `base_dir: DIR` trains a LoRA
 adapter on the base model saved there instead; `kill_after_save: N` ends every rank right after
 the step-N checkpoint (so it must be the last spec); `expect_error: TEXT` expects `train()` to
-raise an error saying TEXT (and prints it). Rank 0 writes `out_dir/result.json` (global step, steps this process ran, log history) and
+raise an error saying TEXT (and prints it); `sync: true` also publishes the weights every step to
+`out_dir/sync` (`sync_weight_path`); `trainer_saves: true` lets the Trainer write its own
+DeepSpeed `checkpoint-N` folders too. Rank 0 writes `out_dir/result.json` (global step, steps this process ran, log history) and
 `out_dir/final.safetensors` (the whole model, gathered by DeepSpeed itself, not by hf_rl_ckpt).
 
 ZeRO-3 is configured with `stage3_param_persistence_threshold: 0`: a tiny model's parameters
@@ -82,7 +84,10 @@ def build_model(spec: dict) -> torch.nn.Module:
 
 
 def run(spec: dict) -> None:
-    checkpointing = CheckpointConfig(checkpoint_dir=spec["ckpt_dir"], save_period=2, metric_name="loss", higher_is_better=False, keep_top_k=2)
+    sync = {"sync_weight_path": str(Path(spec["out_dir"]) / "sync")} if spec.get("sync") else {}
+    checkpointing = CheckpointConfig(
+        checkpoint_dir=spec["ckpt_dir"], save_period=2, metric_name="loss", higher_is_better=False, keep_top_k=2, **sync,
+    )
     counter = CountSteps()
     callbacks: list[TrainerCallback] = [CheckpointCallback(checkpointing), counter]
     if "kill_after_save" in spec:
