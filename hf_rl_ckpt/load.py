@@ -30,7 +30,7 @@ from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, OPTIM_DIR, SCHEDULER_JSON, SH
 from .plan import ModelKind, classify_model
 from .records import Contents, OptimizerFormat, TrainingInfo, WeightsFormat
 from .state.dataloader import load_dataloader
-from .state.deepspeed import check_zero_fits, gathered, load_partitioned, load_zero_optimizer, zero_optimizer
+from .state.deepspeed import check_zero_fits, gathered, load_partitioned, load_zero_optimizer, trainable_parameters, zero_optimizer
 from .state.model import load_consolidated, read_weights, weight_files
 from .state.optim import check_optimizer_fits, load_optimizer
 from .state.peft import load_adapter
@@ -164,7 +164,7 @@ class CheckpointLoader:
             if kind.partitioned and folder == CONSOLIDATED_DIR:
                 load_partitioned(kind.module, self._rank0_weights(path / CONSOLIDATED_DIR), path / CONSOLIDATED_DIR)
             elif folder == ADAPTER_DIR and kind.partitioned:  # ZeRO-3: rank 0 loads the gathered adapter, every rank keeps its slice
-                with gathered([param for param in kind.module.parameters() if param.requires_grad], from_rank0=True):
+                with gathered(trainable_parameters(kind.module), from_rank0=True):
                     if distributed.rank() == 0:
                         load_adapter(kind.module, path / ADAPTER_DIR)
             elif folder == ADAPTER_DIR:

@@ -37,7 +37,7 @@ from .load import CheckpointLoader, ResumeState
 from .records import CheckpointRecord, Contents
 from .registry import Registry
 from .retention import RetentionPolicy, metric_value
-from .state.deepspeed import gathered, gathered_state_dict
+from .state.deepspeed import gathered, gathered_state_dict, trainable_parameters
 from .state.model import save_consolidated
 from .state.peft import save_adapter
 from .plan import classify_model
@@ -388,7 +388,7 @@ class CheckpointManager(BaseCheckpointManager):
             logger.info("published weights of step %d to %s -> %s", step, self._sync_weight_path, published)
             return published
 
-        adapter = [param for param in kind.module.parameters() if param.requires_grad] if kind.partitioned and kind.peft else None
+        adapter = trainable_parameters(kind.module) if kind.partitioned and kind.peft else None
         with gathered(adapter) if adapter is not None else contextlib.nullcontext():
             if kind.partitioned and not kind.peft:
                 state = gathered_state_dict(kind.module)

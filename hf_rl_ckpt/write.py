@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import yaml
@@ -42,7 +42,7 @@ from .records import ModelSummary, OptimizerFormat, WeightsFormat
 from .registry import Registry
 from .retention import RetentionPolicy
 from .state.dataloader import capture_dataloader
-from .state.deepspeed import gathered, gathered_state_dict, write_zero_optimizer
+from .state.deepspeed import gathered, gathered_state_dict, trainable_parameters, write_zero_optimizer
 from .state.model import deduplicated_state_dict, save_hf_metadata, save_weights, weights_dtype
 from .state.optim import write_optimizer_dcp, write_optimizer_tensors
 from .state.peft import save_adapter
@@ -310,12 +310,12 @@ class CheckpointWriter:
 
         return SavePart("model", write_weights, tensors=deduplicated_state_dict(module))
 
-    def _partitioned_model_part(self, plan: SavePlan, tokenizer: Any, write_extra_files: Any) -> SavePart:
+    def _partitioned_model_part(self, plan: SavePlan, tokenizer: Any, write_extra_files: Callable[[], Digests]) -> SavePart:
         """A DeepSpeed ZeRO-3 model: its parameters gathered on every rank (collectives), written by rank 0."""
         staging, module, shared = plan.staging, plan.model.module, plan.writes_shared_files
 
         def write_adapter() -> Digests:
-            with gathered([param for param in module.parameters() if param.requires_grad]):
+            with gathered(trainable_parameters(module)):
                 if not shared:
                     return {}
                 return {**_prefixed(ADAPTER_DIR, save_adapter(module, staging / ADAPTER_DIR, tokenizer=tokenizer)), **write_extra_files()}

@@ -149,6 +149,11 @@ def gathered(params: list[torch.nn.Parameter], *, from_rank0: bool = False) -> I
         yield
 
 
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters a PEFT adapter checkpoint holds (the trainable ones), to gather around its save or load."""
+    return [param for param in module.parameters() if param.requires_grad]
+
+
 def _module_parameters(module: torch.nn.Module) -> Iterator[list[torch.nn.Parameter]]:
     for sub in module.modules():
         params = list(sub.parameters(recurse=False))
