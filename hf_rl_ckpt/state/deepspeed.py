@@ -1,12 +1,13 @@
 """DeepSpeed ZeRO: consolidated weights from partitioned parameters, and the ZeRO optimizer's partitions without pickle.
 
 **Weights.** Under ZeRO-3 every rank holds a slice of each parameter (`param.ds_id`; the
-tensor itself is empty). `gathered_state_dict` gathers one module's parameters at a time on
-every rank (`deepspeed.zero.GatheredParameters`, the same walk as DeepSpeed's own
-`_zero3_consolidated_16bit_state_dict`) and keeps CPU copies on rank 0 only, so no rank
-ever holds the whole model on its accelerator; rank 0 writes the usual consolidated HF
-folder from them. `load_partitioned` is the reverse: rank 0 reads the folder and each
-module's parameters are scattered from it (`modifier_rank=0`).
+tensor itself is empty). `gathered_state_dict` gathers the parameters on every rank in
+buckets of `GATHER_BUCKET_BYTES` (`deepspeed.zero.GatheredParameters`, one coalesced
+all-gather per bucket rather than one per module as DeepSpeed's own
+`_zero3_consolidated_16bit_state_dict` does) and keeps CPU copies on rank 0 only, so no
+rank ever holds more than a bucket of the model on its accelerator; rank 0 writes the usual
+consolidated HF folder from them. `load_partitioned` is the reverse: rank 0 reads the
+folder and each bucket is scattered from it (`modifier_rank=0`).
 
 **Optimizer.** A ZeRO optimizer's state is per rank: the flat fp32 master partition(s) and
 the base optimizer's state over them. DeepSpeed's own checkpoint pickles it
@@ -154,11 +155,24 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [param for param in module.parameters() if param.requires_grad]
 
 
-def _module_parameters(module: torch.nn.Module) -> Iterator[list[torch.nn.Parameter]]:
-    for sub in module.modules():
-        params = list(sub.parameters(recurse=False))
-        if params:
-            yield params
+#: Bytes of parameters gathered per collective: enough to spread an all-gather's latency over many small
+#: tensors, small enough that no rank ever holds more than this (or the largest tensor) of the whole model.
+GATHER_BUCKET_BYTES = 256 * 2**20
+
+
+def _parameter_buckets(module: torch.nn.Module, limit: int = GATHER_BUCKET_BYTES) -> Iterator[list[torch.nn.Parameter]]:
+    """The module's parameters (tied ones once), in order, in buckets of about `limit` bytes gathered together."""
+    bucket: list[torch.nn.Parameter] = []
+    size = 0
+    for param in module.parameters():
+        nbytes = getattr(param, "ds_numel", param.numel()) * param.element_size()
+        if bucket and size + nbytes > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(param)
+        size += nbytes
+    if bucket:
+        yield bucket
 
 
 def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -167,7 +181,7 @@ def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
     rank0 = distributed.rank() == 0
     full: dict[int, torch.Tensor] = {}
-    for params in _module_parameters(module):
+    for params in _parameter_buckets(module):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             if rank0:
                 for param in params:
@@ -198,7 +212,7 @@ def load_partitioned(module: torch.nn.Module, read: Mapping[str, torch.Tensor], 
         raise StateMismatchError(f"checkpoint weights in {where} do not fit {type(module).__name__}: no tensor for {names[id(param)][0]}")
 
     def check() -> None:
-        for params in _module_parameters(module):
+        for params in _parameter_buckets(module):
             for param in params:
                 tensor = source(param)
                 if tuple(tensor.shape) != tuple(param.ds_shape):
@@ -208,7 +222,7 @@ def load_partitioned(module: torch.nn.Module, read: Mapping[str, torch.Tensor], 
                     )
 
     distributed.on_rank0(check)
-    for params in _module_parameters(module):
+    for params in _parameter_buckets(module):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             if rank0:
                 with torch.no_grad():
