@@ -1,7 +1,7 @@
 """`CheckpointCallback` under DeepSpeed ZeRO-2 and ZeRO-3 with a real `Trainer`, 2 ranks on gloo (tests/dist/deepspeed_trainer.py).
 
 Every run is a tiny Llama trained 6 steps (dropout, shuffled data), checkpointing every 2
-steps. For each of ZeRO-2, ZeRO-3 and ZeRO-3 + LoRA: an uninterrupted run, and a run killed
+steps. For each of ZeRO-1, ZeRO-2, ZeRO-3 and ZeRO-3 + LoRA: an uninterrupted run, and a run killed
 right after its step-4 checkpoint and resumed by a new torchrun.
 """
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from dist_helpers import pickle_files, torchrun  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "dist" / "deepspeed_trainer.py"
-KINDS = {"zero2": {"stage": 2}, "zero3": {"stage": 3}, "zero3-lora": {"stage": 3}}
+KINDS = {"zero1": {"stage": 1}, "zero2": {"stage": 2}, "zero3": {"stage": 3}, "zero3-lora": {"stage": 3}}
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,8 @@ def runs(tmp_path_factory):
     launch(2, *references, spec("zero2", "killed", "ckpt", kill_after_save=4))
     launch(2, spec("zero2", "resumed", "ckpt"), spec("zero3", "killed", "ckpt", kill_after_save=4))
     launch(2, spec("zero3", "resumed", "ckpt"), spec("zero3-lora", "killed", "ckpt", kill_after_save=4))
-    launch(2, spec("zero3-lora", "resumed", "ckpt"))
+    launch(2, spec("zero3-lora", "resumed", "ckpt"), spec("zero1", "killed", "ckpt", kill_after_save=4))
+    launch(2, spec("zero1", "resumed", "ckpt"))
     one_rank = launch(1, spec("zero3", "one-rank", "ckpt", expect_error="2-rank job"))
     return SimpleNamespace(work=work, base=base, one_rank=one_rank)
 
