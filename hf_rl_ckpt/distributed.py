@@ -77,12 +77,17 @@ def any_rank(*flags: bool, group: Any = None) -> tuple[bool, ...]:
 
 
 def _portable(error: Exception, source: int) -> Exception:
-    """`error` if it survives pickling (its type and fields reach the other ranks), else a CheckpointError saying what it was."""
+    """`error` if it survives pickling (its type and fields reach the other ranks), else a CheckpointError saying what it was.
+
+    The round trip is in memory, of an exception this process raised: it only tells whether the
+    other ranks could rebuild it (an exception whose `__init__` takes other arguments than its
+    `args` cannot be), so that they never fail on the error instead of raising it.
+    """
     try:
         pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:
-        return CheckpointError(f"rank {source}: {type(error).__name__}: {error}")
+    except Exception as unpicklable:
+        return CheckpointError(f"rank {source}: {type(error).__name__}: {error} (sent as text: {type(unpicklable).__name__})")
+    return error
 
 
 def on_rank0(action: Callable[[], T]) -> T:

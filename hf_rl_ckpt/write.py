@@ -153,15 +153,14 @@ class CheckpointWriter:
         self._agree(step, staging, error)
         return self.layout.step_dir(step)
 
-    def _agree(self, step: int, staging: Path, error: Exception | None, ranks: distributed.Ranks | None = None) -> None:
+    def _agree(self, step: int, staging: Path, error: Exception | None) -> None:
         """Raise on every rank if any rank failed (rank 0 removes the staging directory first); else return on every rank."""
-        ranks = ranks or self.ranks
-        failed = ranks.failures(error)
+        failed = self.ranks.failures(error)
         if not failed:
             return
-        if ranks.rank == 0:
+        if self.ranks.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-        ranks.barrier()
+        self.ranks.barrier()
         raise self._failed(step, _describe(failed)) from error
 
     def _failed(self, step: int, detail: str, *, background: bool = False) -> CheckpointSaveError:
