@@ -209,9 +209,10 @@ class CheckpointLoader:
 
     @classmethod
     def _load_optimizer(cls, path: Path, kind: ModelKind, contents: Contents, optimizer: Any, scheduler: Any, preloaded: Preloaded | None = None) -> None:
-        if optimizer is not None and (contents.optimizer is OptimizerFormat.ZERO or zero_optimizer(optimizer) is not None):
+        zero = zero_optimizer(optimizer)
+        if optimizer is not None and (contents.optimizer is OptimizerFormat.ZERO or zero is not None):
             cls._check_optimizer_fits(path, kind, contents, optimizer)
-            load_zero_optimizer(zero_optimizer(optimizer), optimizer_dir(path, contents), distributed.rank(), distributed.world_size())
+            load_zero_optimizer(zero, optimizer_dir(path, contents), distributed.rank(), distributed.world_size())
         elif optimizer is not None:
             load_optimizer(kind.module, optimizer, optimizer_dir(path, contents), preloaded=preloaded)
         if scheduler is not None:

@@ -37,7 +37,7 @@ from .load import CheckpointLoader, ResumeState
 from .records import CheckpointRecord, Contents
 from .registry import Registry
 from .retention import RetentionPolicy, metric_value
-from .state.deepspeed import gathered, gathered_state_dict, trainable_parameters
+from .state.deepspeed import whole_weights
 from .state.model import save_consolidated
 from .state.peft import save_adapter
 from .plan import classify_model
@@ -373,25 +373,22 @@ class CheckpointManager(BaseCheckpointManager):
         if not self.config.enabled or not self._sync_weight_path or step % self.config.sync_weight_period:
             return None
         kind = classify_model(model)
-        state = None  # DeepSpeed ZeRO-3 parameters are gathered by every rank (below), then written by rank 0
+        # DeepSpeed ZeRO-3: every rank gathers, rank 0 writes.
+        with whole_weights(kind.module, peft=kind.peft) if kind.partitioned else contextlib.nullcontext() as state:
 
-        def write(out: Path) -> dict[str, tuple[int, str]]:
-            if kind.peft:
-                return save_adapter(kind.module, out, tokenizer=tokenizer)
-            return save_consolidated(
-                kind.module, out, max_shard_size=self._writer.max_shard_size, tokenizer=tokenizer, weights_format=self.config.model_save_format,
-                state=state,
-            )
+            def write(out: Path) -> dict[str, tuple[int, str]]:
+                if kind.peft:
+                    return save_adapter(kind.module, out, tokenizer=tokenizer)
+                return save_consolidated(
+                    kind.module, out, max_shard_size=self._writer.max_shard_size, tokenizer=tokenizer,
+                    weights_format=self.config.model_save_format, state=state,
+                )
 
-        def publish_weights() -> Path:
-            published = publish(self._sync_weight_path, self.layout.step_name(step), write)
-            logger.info("published weights of step %d to %s -> %s", step, self._sync_weight_path, published)
-            return published
+            def publish_weights() -> Path:
+                published = publish(self._sync_weight_path, self.layout.step_name(step), write)
+                logger.info("published weights of step %d to %s -> %s", step, self._sync_weight_path, published)
+                return published
 
-        adapter = trainable_parameters(kind.module) if kind.partitioned and kind.peft else None
-        with gathered(adapter) if adapter is not None else contextlib.nullcontext():
-            if kind.partitioned and not kind.peft:
-                state = gathered_state_dict(kind.module)
             published = distributed.on_rank0(publish_weights)
         return published if distributed.rank() == 0 else None
 

@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import yaml
@@ -42,8 +42,8 @@ from .records import ModelSummary, OptimizerFormat, WeightsFormat
 from .registry import Registry
 from .retention import RetentionPolicy
 from .state.dataloader import capture_dataloader
-from .state.deepspeed import gathered, gathered_state_dict, trainable_parameters, write_zero_optimizer
-from .state.model import deduplicated_state_dict, save_hf_metadata, save_weights, weights_dtype
+from .state.deepspeed import whole_weights, write_zero_optimizer
+from .state.model import deduplicated_state_dict, save_consolidated, save_hf_metadata, save_weights, weights_dtype
 from .state.optim import write_optimizer_dcp, write_optimizer_tensors
 from .state.peft import save_adapter
 from .state.rng import RngSnapshot, capture_rng
@@ -286,8 +286,21 @@ class CheckpointWriter:
             return {name: write_bytes(safe_join(staging, name), data) for name, data in extra_files.items()} if shared else {}
 
         weights = plan.contents.weights
-        if plan.model.partitioned:  # ZeRO-3: every rank gathers, one module at a time; rank 0 writes
-            return self._partitioned_model_part(plan, tokenizer, write_extra_files)
+        if plan.model.partitioned:  # ZeRO-3: every rank gathers (collectives, bucket by bucket); rank 0 writes
+
+            def write_partitioned() -> Digests:
+                with whole_weights(module, peft=plan.model.peft) as state:
+                    if not shared:
+                        return {}
+                    if plan.model.peft:
+                        return {**_prefixed(ADAPTER_DIR, save_adapter(module, staging / ADAPTER_DIR, tokenizer=tokenizer)), **write_extra_files()}
+                    weights = save_consolidated(
+                        module, staging / CONSOLIDATED_DIR, max_shard_size=self.max_shard_size, tokenizer=tokenizer,
+                        weights_format=self.config.model_save_format, state=state,
+                    )
+                    return {**_prefixed(CONSOLIDATED_DIR, weights), **write_extra_files()}
+
+            return SavePart("model", write_partitioned, background=False)
         if weights is WeightsFormat.SHARDED:
 
             def write_sharded() -> Digests:
@@ -308,28 +321,6 @@ class CheckpointWriter:
             return {**_prefixed(CONSOLIDATED_DIR, save_weights(state, out, self.max_shard_size, self.config.model_save_format)), **write_extra_files()}
 
         return SavePart("model", write_weights, tensors=deduplicated_state_dict(module))
-
-    def _partitioned_model_part(self, plan: SavePlan, tokenizer: Any, write_extra_files: Callable[[], Digests]) -> SavePart:
-        """A DeepSpeed ZeRO-3 model: its parameters gathered on every rank (collectives), written by rank 0."""
-        staging, module, shared = plan.staging, plan.model.module, plan.writes_shared_files
-
-        def write_adapter() -> Digests:
-            with gathered(trainable_parameters(module)):
-                if not shared:
-                    return {}
-                return {**_prefixed(ADAPTER_DIR, save_adapter(module, staging / ADAPTER_DIR, tokenizer=tokenizer)), **write_extra_files()}
-
-        def write_consolidated() -> Digests:
-            state = gathered_state_dict(module)
-            if not shared:
-                return {}
-            out = staging / CONSOLIDATED_DIR
-            out.mkdir(parents=True, exist_ok=True)
-            save_hf_metadata(module, out, tokenizer)
-            weights = save_weights(deduplicated_state_dict(module, state), out, self.max_shard_size, self.config.model_save_format)
-            return {**_prefixed(CONSOLIDATED_DIR, weights), **write_extra_files()}
-
-        return SavePart("model", write_adapter if plan.model.peft else write_consolidated, background=False)
 
     def _optimizer_part(self, plan: SavePlan, optimizer: Any) -> SavePart:
         """The optimizer state: streamed by rank 0 when every rank holds all of it (single process, DDP), else DCP on every rank.

@@ -155,6 +155,21 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [param for param in module.parameters() if param.requires_grad]
 
 
+@contextlib.contextmanager
+def whole_weights(module: torch.nn.Module, *, peft: bool) -> Iterator[dict[str, torch.Tensor] | None]:
+    """Around writing a ZeRO-3 model's deployable weights; every rank must enter it.
+
+    For a PEFT model the adapter's parameters are whole inside the block (yields None: the
+    adapter is saved from the module as usual); otherwise yields the full state dict on
+    rank 0 ({} on the others), to hand to `save_consolidated(..., state=...)`.
+    """
+    if peft:
+        with gathered(trainable_parameters(module)):
+            yield None
+    else:
+        yield gathered_state_dict(module)
+
+
 #: Bytes of parameters gathered per collective: enough to spread an all-gather's latency over many small
 #: tensors, small enough that no rank ever holds more than this (or the largest tensor) of the whole model.
 GATHER_BUCKET_BYTES = 256 * 2**20
@@ -177,12 +192,10 @@ def _parameter_buckets(module: torch.nn.Module, limit: int = GATHER_BUCKET_BYTES
 
 def gathered_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict on rank 0 (CPU copies; tied weights share one tensor), {} on the others; every rank must call it."""
-    import deepspeed
-
     rank0 = distributed.rank() == 0
     full: dict[int, torch.Tensor] = {}
     for params in _parameter_buckets(module):
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        with gathered(params):
             if rank0:
                 for param in params:
                     full.setdefault(id(param), param.detach().to("cpu", copy=True))
@@ -198,8 +211,6 @@ def load_partitioned(module: torch.nn.Module, read: Mapping[str, torch.Tensor], 
     Raises:
         StateMismatchError: a parameter is missing from `read` or has another shape (on rank 0, before anything changed).
     """
-    import deepspeed
-
     rank0 = distributed.rank() == 0
     names: dict[int, list[str]] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
@@ -212,27 +223,27 @@ def load_partitioned(module: torch.nn.Module, read: Mapping[str, torch.Tensor], 
         raise StateMismatchError(f"checkpoint weights in {where} do not fit {type(module).__name__}: no tensor for {names[id(param)][0]}")
 
     def check() -> None:
-        for params in _parameter_buckets(module):
-            for param in params:
-                tensor = source(param)
-                if tuple(tensor.shape) != tuple(param.ds_shape):
-                    raise StateMismatchError(
-                        f"checkpoint weights in {where} do not fit {type(module).__name__} (another architecture or config?): "
-                        f"{names[id(param)][0]} is {tuple(tensor.shape)} in the checkpoint, {tuple(param.ds_shape)} in the model"
-                    )
+        for param in module.parameters():
+            tensor = source(param)
+            if tuple(tensor.shape) != tuple(param.ds_shape):
+                raise StateMismatchError(
+                    f"checkpoint weights in {where} do not fit {type(module).__name__} (another architecture or config?): "
+                    f"{names[id(param)][0]} is {tuple(tensor.shape)} in the checkpoint, {tuple(param.ds_shape)} in the model"
+                )
 
     distributed.on_rank0(check)
     for params in _parameter_buckets(module):
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        with gathered(params, from_rank0=True):
             if rank0:
                 with torch.no_grad():
                     for param in params:
                         param.copy_(source(param))
     buffers = dict(module.named_buffers())
-    for name, tensor in read.items():  # persistent buffers are not partitioned: every rank sets its own
-        if name in buffers:
-            with torch.no_grad():
-                buffers[name].copy_(tensor)
+    # Persistent buffers are not partitioned, and only rank 0 read the folder: its values go to every rank.
+    saved_buffers = distributed.broadcast_object({name: tensor for name, tensor in read.items() if name in buffers})
+    with torch.no_grad():
+        for name, tensor in saved_buffers.items():
+            buffers[name].copy_(tensor)
 
 
 # ---------------------------------------------------------------- optimizer partitions
