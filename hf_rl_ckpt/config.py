@@ -29,7 +29,8 @@ ResumeMode = Literal["disable", "auto", "from_path"]
 #: Metric name that ranks checkpoints by recency: `keep_top_k: 3` + `metric_name: step` keeps the last 3.
 STEP_METRIC = "step"
 
-_SECRET_PATTERN = re.compile(r"token|secret|password|api_key|apikey|credential", re.IGNORECASE)
+# `key` alone: s3fs's access key id; `account_key`, `connection_string`, `sas_token`: Azure's (adlfs).
+_SECRET_PATTERN = re.compile(r"token|secret|password|api_key|apikey|credential|^key$|account_key|connection_string", re.IGNORECASE)
 REDACTED = "<redacted>"
 
 
@@ -120,6 +121,9 @@ class CheckpointConfig:
     hub_push_training_state: bool = False
     hub_keep_evicted: bool = False
     hub_retry: RetryPolicy = field(default_factory=RetryPolicy)
+    remote_dir: str | None = None
+    remote_storage_options: dict[str, Any] | None = field(default=None, repr=False)
+    remote_retry: RetryPolicy = field(default_factory=RetryPolicy)
     checkpoint_manager_class: str | None = None
 
     #: Keys accepted under other names: NeMo-RL/NexRL spellings -> field.
@@ -134,6 +138,8 @@ class CheckpointConfig:
             self.resume = _build(ResumeConfig, dict(self.resume), "resume.")
         if isinstance(self.hub_retry, Mapping):
             self.hub_retry = _build(RetryPolicy, dict(self.hub_retry), "hub_retry.")
+        if isinstance(self.remote_retry, Mapping):
+            self.remote_retry = _build(RetryPolicy, dict(self.remote_retry), "remote_retry.")
         for f in dataclasses.fields(self):
             _check_type(type(self), f.name, getattr(self, f.name))
         for f in dataclasses.fields(self.resume):
@@ -169,6 +175,7 @@ class CheckpointConfig:
                 f"checkpoint_manager_class must be a dotted path 'package.module.ClassName' (got {self.checkpoint_manager_class!r})."
             )
         self._validate_hub()
+        self._validate_remote()
 
     def _validate_hub(self) -> None:
         if self.push_to_hub and not self.hub_model_id:
@@ -177,6 +184,17 @@ class CheckpointConfig:
             check_repo_id(self.hub_model_id, "hub_model_id")
         if self.hub_endpoint is not None and not re.match(r"https?://[^/\s]+", self.hub_endpoint):
             raise ConfigError(f"hub_endpoint must be an http(s) URL such as 'https://huggingface.co' (got {self.hub_endpoint!r}); leave it unset for the default Hub.")
+
+    def _validate_remote(self) -> None:
+        """Refuse what cannot work before anything is written; reaching the storage is checked when the manager starts."""
+        from .remote import RemoteStore, is_remote_url
+
+        if self.remote_storage_options is not None and not isinstance(self.remote_storage_options, Mapping):
+            raise ConfigError(f"remote_storage_options must be a mapping of fsspec options (got {type(self.remote_storage_options).__name__}).")
+        if self.remote_dir is not None:
+            RemoteStore(self.remote_dir, self.remote_storage_options)  # a URL whose filesystem is installed
+        if is_remote_url(self.resume.resume_path) and not self.resume.resume_path.startswith("file://"):
+            RemoteStore(self.resume.resume_path.rsplit("/", 1)[0], self.remote_storage_options)
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -44,6 +44,10 @@ class StateMismatchError(CheckpointError):
     """The checkpoint does not fit the object it is loaded into (e.g. another architecture)."""
 
 
+class RemoteStorageError(CheckpointError):
+    """`remote_dir` cannot be used: unreachable, credentials missing or denied, or a remote checkpoint unreadable."""
+
+
 class CheckpointSaveError(CheckpointError):
     """A save failed; nothing was committed and earlier checkpoints are untouched."""
 

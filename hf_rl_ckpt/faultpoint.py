@@ -47,6 +47,15 @@ REPLACE_POINTS = (
     "replace.swapped",  # the new directory in place and durable, the old one not yet deleted
 )
 
+#: The points of the remote tier's background upload (`remote.RemoteStore.upload`), after the local commit.
+REMOTE_POINTS = (
+    "remote.file_uploaded",  # after each file of a checkpoint reached remote_dir
+    "remote.before_marker",  # every file uploaded, the marker (training_info.json) not yet: not committed remotely
+)
+
+#: Every point the library calls.
+ALL_POINTS = FAULT_POINTS + REPLACE_POINTS + REMOTE_POINTS
+
 
 @dataclass
 class _Armed:
@@ -81,10 +90,10 @@ def arm(name: str, action: Action, *, at_hit: int = 1) -> None:
     ```
 
     Raises:
-        ValueError: `name` is not one of `FAULT_POINTS`, or `at_hit` is below 1.
+        ValueError: `name` is not one of `ALL_POINTS`, or `at_hit` is below 1.
     """
-    if name not in FAULT_POINTS + REPLACE_POINTS:
-        raise ValueError(f"unknown fault point {name!r}; the library calls {', '.join(FAULT_POINTS + REPLACE_POINTS)}")
+    if name not in ALL_POINTS:
+        raise ValueError(f"unknown fault point {name!r}; the library calls {', '.join(ALL_POINTS)}")
     if at_hit < 1:
         raise ValueError(f"at_hit counts from 1 (got {at_hit})")
     with _lock:

@@ -28,6 +28,7 @@ from .convert import convert_checkpoint, detect_format
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, TRAINING_INFO, CheckpointLayout, dataloader_file, rng_file
 from .plan import ModelKind, classify_model
+from .remote import RemoteStore, RemoteTier, fetch, is_remote_url
 from .records import Contents, OptimizerFormat, TrainingInfo, WeightsFormat
 from .state.dataloader import load_dataloader
 from .state.deepspeed import check_zero_fits, gathered, load_partitioned, load_zero_optimizer, trainable_parameters, zero_optimizer
@@ -94,14 +95,19 @@ def weights_dir(path: Path, contents: Contents, kind: ModelKind) -> str:
 class CheckpointLoader:
     """Reads the checkpoints of one run directory (and any checkpoint directory) into training objects."""
 
-    def __init__(self, config: CheckpointConfig, layout: CheckpointLayout, background: AsyncCheckpointWriter) -> None:
-        self.config, self.layout, self.background = config, layout, background
+    def __init__(self, config: CheckpointConfig, layout: CheckpointLayout, background: AsyncCheckpointWriter, *, remote: RemoteTier | None = None) -> None:
+        self.config, self.layout, self.background, self.remote = config, layout, background, remote
 
     # ------------------------------------------------------------- choose
     def resume(self, objects: dict[str, Any], mode: str) -> ResumeState | None:
         """See `CheckpointManager.resume`."""
         if mode == "from_path":
-            return self._load_from_path(Path(self.config.resume.resume_path or ""), objects)
+            source = self.config.resume.resume_path or ""
+            if is_remote_url(source):
+                return self.load(distributed.on_rank0(lambda: self._fetch_url(source)), **objects)
+            return self._load_from_path(Path(source), objects)
+        if self.remote is not None:  # a fresh node: the newest checkpoint may be remote only
+            distributed.on_rank0(self.remote.fetch_newest)
         # Rank 0's listing: on storage that lists lazily (NFS, object stores) ranks could see different sets.
         candidates = distributed.on_rank0(lambda: list(reversed(self.layout.committed_steps().items())))
         if not candidates:
@@ -117,6 +123,23 @@ class CheckpointLoader:
                 failures.append(f"{path.name}: {err}")
                 logger.warning("checkpoint %s is unusable (%s); falling back to the previous complete checkpoint", path, err)
         raise CorruptCheckpointError(self.layout.root, "no loadable checkpoint: " + " | ".join(failures))
+
+    def _fetch_url(self, url: str) -> Path:
+        """`resume_path` is a remote checkpoint (`s3://bucket/run/step_40`): its verified copy in `checkpoint_dir` (downloaded unless there already)."""
+        parent, _, name = url.rstrip("/").rpartition("/")
+        store = RemoteStore(parent, self.config.remote_storage_options)
+        info = store.read_info(name)
+        if info is None:
+            raise CheckpointNotFoundError(f"resume.resume_path {url} is not a committed remote checkpoint (no {TRAINING_INFO}); "
+                                          f"`hf-rl-ckpt list {parent}` shows those that are")
+        local = self.layout.root / name
+        if local.exists():
+            held = read_training_info(local) if (local / TRAINING_INFO).is_file() else {}
+            if all(held.get(key) == info.get(key) for key in ("step", "commit_seq", "created_at")):
+                return local  # the same save: its local copy
+            raise CheckpointError(f"resume.resume_path {url} and {local} are different checkpoints of one name; "
+                                  "move the local one away or resume into another checkpoint_dir (nothing was overwritten)")
+        return fetch(store, name, self.layout)
 
     def _load_from_path(self, path: Path, objects: dict[str, Any]) -> ResumeState:
         """`resume.mode: from_path`: our checkpoint, or another framework's folder converted on the fly.

@@ -31,6 +31,7 @@ from .config import CheckpointConfig, parse_duration
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from .events import Subscriber, Subscribers
 from .eviction import IndexAndRetention, ranking_values
+from .remote import RemoteStore, RemoteTier
 from .hub.publish import HubPublishing
 from .layout import TRAINING_INFO, CheckpointLayout
 from .load import CheckpointLoader, ResumeState
@@ -198,7 +199,7 @@ class BaseCheckpointManager:
         mode = self.config.resume.mode
         if not self.config.enabled or mode == "disable":
             return False
-        return mode == "from_path" or bool(self.layout.committed_steps())
+        return mode == "from_path" or bool(self.layout.committed_steps()) or (self.remote is not None and bool(self.remote.store.committed()))
 
     # ------------------------------------------------------------- queries
     def checkpoints(self) -> list[CheckpointRecord]:
@@ -272,7 +273,8 @@ class CheckpointManager(BaseCheckpointManager):
         self._index = IndexAndRetention(self.layout, self.registry, self.policy, self.events)
         self.committer = Committer(self.layout, self.registry, self.policy, self.events)
         self._writer = CheckpointWriter(config, self.committer, self.registry, self.policy, training_config or {})
-        self._loader = CheckpointLoader(config, self.layout, self._writer.background)
+        self.remote = RemoteTier(RemoteStore(config.remote_dir, config.remote_storage_options), self.layout, config.remote_retry) if config.remote_dir else None
+        self._loader = CheckpointLoader(config, self.layout, self._writer.background, remote=self.remote)
         # Like checkpoint_dir (see CheckpointLayout): resolved once, so an os.chdir cannot move where weights are published.
         self._sync_weight_path = os.path.abspath(config.sync_weight_path) if config.sync_weight_path else None
         listeners: list[Subscriber] = [self._index]
@@ -280,14 +282,20 @@ class CheckpointManager(BaseCheckpointManager):
             distributed.on_rank0(self._open)  # the lock and recovery outcome, raised on every rank
             if distributed.rank() == 0 and not self.committer.read_only and config.push_to_hub:
                 listeners.append(HubPublishing(config, self.registry))  # publishing records its progress in checkpoints.json
+            if self.remote is not None and distributed.rank() == 0 and not self.committer.read_only:
+                listeners.append(self.remote)
             if self._preemption is not None:
                 self._preemption.install()
         self.events.extend([*listeners, *subscribers])
 
     def _open(self) -> None:
+        if self.remote is not None:  # unreachable, no credentials, denied: one clear error now, before anything is written
+            self.remote.store.check_access()
         self.committer.open()
         if not self.committer.read_only:
             self._index.warn_about_other_settings()
+            if self.remote is not None:
+                self.remote.catch_up()
 
     @property
     def read_only(self) -> bool:

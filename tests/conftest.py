@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -27,3 +28,24 @@ settings.register_profile(
     "soak", max_examples=150, stateful_step_count=40, deadline=None, database=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 protocol server (moto) on 127.0.0.1 for the whole session."""
+    from s3_server import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server reached the standard way (AWS_ENDPOINT_URL and keys in the environment, also for child processes) and a fresh bucket's URL."""
+    import fsspec
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    fsspec.AbstractFileSystem.clear_instance_cache()  # filesystems built for another endpoint must not be reused
+    return SimpleNamespace(server=s3_server, url=f"s3://{s3_server.bucket()}/run")

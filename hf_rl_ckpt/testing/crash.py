@@ -6,7 +6,7 @@ python -m hf_rl_ckpt.testing.crash --at save.part_written -- -m my_package.train
 ```
 
 `--at POINT@N` kills the process the N-th time a save passes POINT (the first time without
-`@N`); the points are `hf_rl_ckpt.faultpoint.FAULT_POINTS`. The script runs in this
+`@N`); the points are `hf_rl_ckpt.faultpoint.ALL_POINTS`. The script runs in this
 process (`runpy`), as `python script.py args` or `python -m module args` would run it, so
 the kill is real and lands exactly there. A fork server that already runs the training code
 arms the same kill with `arm_kill`.
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m hf_rl_ckpt.testing.crash",
         description="Run a script (or -m module) and SIGKILL it at a named fault point of the save path.",
     )
-    parser.add_argument("--at", required=True, metavar="POINT[@N]", help=f"one of {', '.join(faultpoint.FAULT_POINTS)}; @N: at its N-th hit")
+    parser.add_argument("--at", required=True, metavar="POINT[@N]", help=f"one of {', '.join(faultpoint.ALL_POINTS)}; @N: at its N-th hit")
     parser.add_argument("target", nargs=argparse.REMAINDER, help="-- script.py args | -- -m module args")
     args = parser.parse_args(argv)
     target = args.target[1:] if args.target[:1] == ["--"] else args.target
