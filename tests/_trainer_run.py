@@ -5,7 +5,7 @@ Exact-resume tests must stop a run by ending its process, so this file is also a
     python tests/_trainer_run.py '[{"kind": "causal", "ckpt_dir": ..., "out_dir": ..., "kill_after_save": 4}, ...]'
 
 runs each spec in turn and exits (`kill_after_save: N` ends the process at once after the
-step-N checkpoint; `sigterm_during: N` sends it a SIGTERM during step N). Every run writes `out_dir/result.json` (global step and
+step-N checkpoint, or once it is uploaded too with `kill_after_upload: true`; `sigterm_during: N` sends it a SIGTERM during step N). Every run writes `out_dir/result.json` (global step, steps trained in this process and
 log history) and `out_dir/final.safetensors` (the model's state dict at the end), which the
 tests compare against an uninterrupted run.
 
@@ -51,13 +51,16 @@ class KillAfterSave(TrainerCallback):
     """Ends the process the moment the step-`step` checkpoint is committed, like a preemption would.
 
     Placed after `CheckpointCallback`, whose `on_step_begin` has just written the checkpoint.
+    With `uploaded`, the node dies once that callback's remote uploads are done.
     """
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, uploaded: CheckpointCallback | None = None) -> None:
+        self.step, self.uploaded = step, uploaded
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.step:
+            if self.uploaded is not None:
+                self.uploaded.manager.events.drain()
             os._exit(0)
 
 
@@ -70,6 +73,16 @@ class SignalDuring(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.step - 1:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class CountSteps(TrainerCallback):
+    """Counts the optimizer steps this process trained (a resumed run trains fewer than it reports in global_step)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
 
 
 class StopAt(TrainerCallback):
@@ -117,7 +130,7 @@ def build_trainer(spec: dict[str, Any]) -> Trainer:
     )
     callbacks: list[TrainerCallback] = [CheckpointCallback(ckpt_config)]
     if "kill_after_save" in spec:
-        callbacks.append(KillAfterSave(spec["kill_after_save"]))
+        callbacks.append(KillAfterSave(spec["kill_after_save"], callbacks[0] if spec.get("kill_after_upload") else None))
     if "sigterm_during" in spec:
         callbacks.append(SignalDuring(spec["sigterm_during"]))
     if "stop_at" in spec:
@@ -171,10 +184,14 @@ def run(spec: dict[str, Any]) -> Trainer:
     """Train per `spec` and write its result files; returns the trainer (for in-process use)."""
     torch.set_num_threads(1)  # bitwise-reproducible CPU math in every process, and polite on a shared machine
     trainer = build_trainer(spec)
+    counted = CountSteps()
+    trainer.add_callback(counted)
     trainer.train(**spec.get("train_kwargs", {}))
     out = Path(spec["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps({"global_step": trainer.state.global_step, "log_history": trainer.state.log_history}))
+    (out / "result.json").write_text(json.dumps(
+        {"global_step": trainer.state.global_step, "steps_trained_here": counted.steps, "log_history": trainer.state.log_history}
+    ))
     save_file({k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}, out / "final.safetensors")
     return trainer
 

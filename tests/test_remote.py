@@ -19,6 +19,8 @@ from hf_rl_ckpt import CheckpointConfig, CheckpointManager, RemoteStorageError
 from hf_rl_ckpt.layout import CheckpointLayout
 from hf_rl_ckpt.remote import MARKER, RemoteStore
 
+import _trainer_run as R  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "dist"))
 from dist_helpers import full_state  # noqa: E402
@@ -185,3 +187,20 @@ def test_a_kill_during_an_upload_never_shows_a_partial_checkpoint_and_the_next_s
     shutil.rmtree(tmp_path / "ckpt")
     state = CheckpointManager(config(tmp_path, s3.url)).resume(model=__import__("training_objects").make_training_objects(seed=1).model)
     assert state.step == 1  # downloaded and verified byte for byte
+
+
+def test_a_trainer_run_killed_after_a_checkpoint_resumes_from_s3_on_a_fresh_disk_exactly(tmp_path, s3):
+    """The must-show run: killed right after its step-4 checkpoint reached S3, the local checkpoint_dir deleted, re-run."""
+    spec = {"kind": "causal", "work_dir": str(tmp_path), "checkpointing": {"remote_dir": s3.url}}
+    killed = R.start([{**spec, "ckpt_dir": str(tmp_path / "ckpt"), "out_dir": str(tmp_path / "killed"), "kill_after_save": 4, "kill_after_upload": True}])
+    R.run({**spec, "ckpt_dir": str(tmp_path / "ref_ckpt"), "out_dir": str(tmp_path / "ref"), "checkpointing": {}})
+    R.finish(killed)
+    local = CheckpointLayout(tmp_path / "ckpt").committed_steps()
+    assert [c.step for c in RemoteStore(s3.url).committed()] == list(local) == [3, 4]  # step 2 evicted by the top-2 on eval_loss, remotely too
+    shutil.rmtree(tmp_path / "ckpt")
+    R.finish(R.start([{**spec, "ckpt_dir": str(tmp_path / "ckpt"), "out_dir": str(tmp_path / "resumed")}]))
+    resumed, reference = R.result(tmp_path / "resumed"), R.result(tmp_path / "ref")
+    assert resumed["global_step"] == reference["global_step"] == 10
+    assert resumed["steps_trained_here"] == 6, "the re-run must continue from the step-4 checkpoint it downloaded"
+    assert R.losses(resumed["log_history"]) == R.losses(reference["log_history"])
+    R.assert_same_weights(resumed["weights"], reference["weights"])
