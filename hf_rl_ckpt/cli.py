@@ -4,6 +4,9 @@ Commands (each has `--help`):
     list DIR [--json] [--verify]     the committed checkpoints of a run, with metrics and top-k rank
     inspect CKPT [--json]            one checkpoint: files, sizes, dtypes, parameter count, metrics, Hub status
     verify CKPT|BUNDLE               re-hash every file against the manifest (or the bundle's file list)
+
+DIR and CKPT may be remote URLs (`s3://bucket/run`, `s3://bucket/run/step_40`: a `remote_dir` and one of its
+checkpoints); `inspect` and `verify` read a downloaded copy.
     export CKPT OUT [--merge-lora]   the model folder; OUT ending in .tar (plain) or .tar.gz/.tgz (gzip) writes a single-file bundle
     convert SRC OUT                  an HF Trainer / Accelerate / NeMo-RL checkpoint folder into our layout
     push CKPT --repo-id ID           publish to the Hugging Face Hub
@@ -18,16 +21,18 @@ also exits 2 on usage errors).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .config import check_repo_id
-from .errors import CheckpointError, CorruptCheckpointError
+from .errors import CheckpointError, CorruptCheckpointError, RemoteStorageError
 from .layout import TRAINING_INFO, CheckpointLayout
 from .records import Contents
 from .registry import Registry
+from .remote import is_remote_url, local_copy, RemoteStore
 from .state.safetensors_io import check_safetensors_header
 from .verify import read_training_info, verify_checkpoint
 
@@ -74,12 +79,34 @@ def list_rows(directory: Path, checksums: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
+def remote_rows(url: str, checksums: bool = False) -> list[dict[str, Any]]:
+    """`list_rows` of a `remote_dir`: one row per committed remote checkpoint (its files checked by the listing, or re-hashed after a download)."""
+    store = RemoteStore(url)
+    rows = []
+    for checkpoint in store.committed():
+        info = checkpoint.info
+        row = {"step": checkpoint.step, "name": checkpoint.name, "metrics": info.get("metrics") or {},
+               "size_bytes": sum(entry["size"] for entry in info["manifest"].values())}
+        try:
+            if checksums:
+                with local_copy(f"{url.rstrip('/')}/{checkpoint.name}") as path:
+                    verify_checkpoint(path, checksums=True)
+                row["status"] = "verified"
+            else:
+                problems = store.problems(checkpoint.name, info)
+                row["status"] = f"CORRUPT: {'; '.join(problems)}" if problems else "complete"
+        except (CheckpointError, FileNotFoundError) as err:
+            row["status"] = f"CORRUPT: {err}"
+        rows.append(row)
+    return rows
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    directory = Path(args.dir)
-    if not directory.is_dir():
+    directory = args.dir if is_remote_url(args.dir) else Path(args.dir)
+    if isinstance(directory, Path) and not directory.is_dir():
         print(f"error: {directory} is not a directory", file=sys.stderr)
         return EXIT_BAD_INPUT
-    rows = list_rows(directory, checksums=args.verify)
+    rows = remote_rows(directory, checksums=args.verify) if isinstance(directory, str) else list_rows(directory, checksums=args.verify)
     # Like `verify` and `inspect`: a check that found a damaged checkpoint fails the command, whatever the output format.
     exit_code = EXIT_CHECK_FAILED if any(row["status"].startswith("CORRUPT") for row in rows) else EXIT_OK
     if args.json:
@@ -88,7 +115,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no committed checkpoints in {directory}")
         return EXIT_OK
-    metric_name = Registry(CheckpointLayout.of_run(directory)).read().get("metric_name")
+    metric_name = None if isinstance(directory, str) else Registry(CheckpointLayout.of_run(directory)).read().get("metric_name")
     table = [("step", "metrics", "top-k", "size", "status")]
     for row in rows:
         rank = row.get("top_k_rank")
@@ -102,6 +129,35 @@ def cmd_list(args: argparse.Namespace) -> int:
     return exit_code
 
 
+@contextlib.contextmanager
+def _checkpoint_argument(arg: str) -> Iterator[Path]:
+    """The folder a CKPT argument names: itself, or for a URL (`s3://bucket/run/step_40`) a downloaded copy."""
+    if not is_remote_url(arg):
+        yield Path(arg)
+        return
+    with local_copy(arg) as path:
+        yield path
+
+
+def _on_remote(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run `command` on a local copy when its CKPT is a remote URL; a URL that is not a committed remote checkpoint is bad input."""
+    def run(args: argparse.Namespace) -> int:
+        if not is_remote_url(args.ckpt):
+            return command(args)
+        try:
+            with _checkpoint_argument(args.ckpt) as path:
+                return command(argparse.Namespace(**{**vars(args), "ckpt": str(path), "shown_as": args.ckpt}))
+        except RemoteStorageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except FileNotFoundError as err:  # listed in the manifest, missing remotely
+            print(f"FAILED {args.ckpt}: {err}", file=sys.stderr)
+            return EXIT_CHECK_FAILED
+
+    return run
+
+
+@_on_remote
 def cmd_verify(args: argparse.Namespace) -> int:
     from .bundle import verify_bundle
 
@@ -122,7 +178,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except CorruptCheckpointError as err:
         print(f"FAILED {err.path}: {err.reason}", file=sys.stderr)
         return EXIT_CHECK_FAILED
-    print(f"OK {path}: {len(info['manifest'])} files match the manifest (size and sha256)")
+    print(f"OK {getattr(args, 'shown_as', path)}: {len(info['manifest'])} files match the manifest (size and sha256)")
     return EXIT_OK
 
 
@@ -181,12 +237,13 @@ def inspect_checkpoint(path: Path) -> dict[str, Any]:
     }
 
 
+@_on_remote
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.ckpt)
     if not (path / TRAINING_INFO).is_file():
         print(f"error: {path} is not a committed checkpoint (no {TRAINING_INFO})", file=sys.stderr)
         return EXIT_BAD_INPUT
-    report = inspect_checkpoint(path)
+    report = {**inspect_checkpoint(path), "path": getattr(args, "shown_as", str(path))}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -255,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="table of the committed checkpoints of a run directory")
-    p.add_argument("dir", help="the checkpoint_dir of a run")
+    p.add_argument("dir", help="the checkpoint_dir of a run, or its remote_dir URL (s3://bucket/run)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.add_argument("--verify", action="store_true", help="also re-hash every file (slower)")
     p.set_defaults(func=cmd_list)
@@ -265,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", help="metric to plot (default: the run's metric_name)")
     p.set_defaults(func=cmd_plot)
     p = sub.add_parser("verify", help="re-hash every file of a checkpoint against its manifest (or of a bundle against its file list)")
-    p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40, or a bundle file written by `export`, e.g. model.tar")
+    p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40 (or s3://bucket/run/step_40), or a bundle file written by `export`, e.g. model.tar")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser(
         "export", help="copy a checkpoint's model folder out (or merge its LoRA adapter into the base), as a folder or one .tar file",
@@ -282,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(.tar is always plain, .tar.gz/.tgz always gzip; plain is faster for large safetensors)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("inspect", help="one checkpoint: files, sizes, dtypes, parameter count, metrics, Hub status")
-    p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40")
+    p.add_argument("ckpt", help="a checkpoint directory, e.g. runs/ckpt/step_40, or a remote one, e.g. s3://bucket/run/step_40")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser(

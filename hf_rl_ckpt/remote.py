@@ -24,14 +24,16 @@ fetching the newest checkpoint onto a fresh node.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Mapping
+from typing import Any, Hashable, Iterator, Mapping
 
 import fsspec
 from fsspec.callbacks import Callback
@@ -185,6 +187,16 @@ class RemoteStore:
             raise RemoteStorageError(f"{self._path(name, MARKER)} is not an hf_rl_ckpt training_info.json (no manifest or step)")
         return info
 
+    def problems(self, name: str, info: Mapping[str, Any]) -> list[str]:
+        """What is wrong with committed remote checkpoint `name` by its listing: files of its manifest missing or of the wrong size."""
+        prefix = self._path(name)
+        self.fs.invalidate_cache(prefix)
+        sizes = {path[len(prefix) + 1:]: entry.get("size") for path, entry in self.fs.find(prefix, detail=True).items()}
+        return [
+            f"{prefix}/{rel}: " + ("missing" if rel not in sizes else f"size {sizes[rel]} bytes, manifest says {entry['size']}")
+            for rel, entry in info["manifest"].items() if sizes.get(rel) != entry.get("size")
+        ]
+
     # ------------------------------------------------------------- write
     def upload(self, local: Path, name: str) -> int:
         """Copy the committed checkpoint folder `local` to `<remote_dir>/<name>/`, its marker last; return the bytes uploaded.
@@ -244,6 +256,22 @@ class RemoteStore:
             except FileNotFoundError:
                 pass
         self.fs.invalidate_cache(self._path(name))
+
+
+@contextlib.contextmanager
+def local_copy(url: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[Path]:
+    """A remote checkpoint (`s3://bucket/run/step_40`) downloaded into a temporary folder for the block (the CLI reads it there).
+
+    Raises:
+        RemoteStorageError: the URL is not a committed remote checkpoint.
+        FileNotFoundError: a file its manifest lists is missing remotely.
+    """
+    parent, _, name = url.rstrip("/").rpartition("/")
+    with tempfile.TemporaryDirectory(prefix="hf_rl_ckpt-") as tmp:
+        dest = Path(tmp) / name
+        dest.mkdir()
+        RemoteStore(parent, storage_options).download(name, dest)
+        yield dest
 
 
 def fetch(store: RemoteStore, name: str, layout: CheckpointLayout) -> Path:

@@ -10,12 +10,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import fsspec
 import pytest
 import torch
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, RemoteStorageError
+from hf_rl_ckpt.cli import main
 from hf_rl_ckpt.layout import CheckpointLayout
 from hf_rl_ckpt.remote import MARKER, RemoteStore
 
@@ -204,3 +206,40 @@ def test_a_trainer_run_killed_after_a_checkpoint_resumes_from_s3_on_a_fresh_disk
     assert resumed["steps_trained_here"] == 6, "the re-run must continue from the step-4 checkpoint it downloaded"
     assert R.losses(resumed["log_history"]) == R.losses(reference["log_history"])
     R.assert_same_weights(resumed["weights"], reference["weights"])
+
+
+def test_the_cli_lists_inspects_and_verifies_remote_checkpoints(tmp_path, make_objects, s3, capsys):
+    manager = CheckpointManager(config(tmp_path, s3.url, save_period=1))
+    train(make_objects(seed=0), 2, manager)
+    manager.finalize()
+
+    def cli(*args: str) -> SimpleNamespace:
+        capsys.readouterr()
+        returncode = main(list(args))
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=returncode, stdout=out, stderr=err)
+
+    listed = cli("list", s3.url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [(row["step"], row["status"]) for row in json.loads(listed.stdout)] == [(1, "complete"), (2, "complete")]
+    assert cli("list", s3.url, "--verify").returncode == 0
+    inspected = cli("inspect", f"{s3.url}/step_2", "--json")
+    assert inspected.returncode == 0, inspected.stderr
+    report = json.loads(inspected.stdout)
+    assert report["path"] == f"{s3.url}/step_2" and report["step"] == 2 and report["stored_parameters"] > 0
+    verified = cli("verify", f"{s3.url}/step_2")
+    assert verified.returncode == 0 and verified.stdout.startswith(f"OK {s3.url}/step_2"), verified.stderr
+
+    fs, root = fsspec.core.url_to_fs(s3.url)  # flip a byte of a weight file on the remote: the same size, another sha256
+    weights = next(path for path in fs.find(f"{root}/step_2") if path.endswith(".safetensors"))
+    data = bytearray(fs.cat_file(weights))
+    data[-1] ^= 0xFF
+    fs.pipe_file(weights, bytes(data))
+    assert cli("list", s3.url).returncode == 0, "sizes still match: only a re-hash sees it"
+    failed = cli("verify", f"{s3.url}/step_2")
+    assert failed.returncode == 1 and "sha256 does not match" in failed.stderr
+    assert cli("list", s3.url, "--verify").returncode == 1
+    fs.rm_file(weights)
+    assert "missing" in cli("list", s3.url).stdout
+    missing = cli("verify", f"{s3.url}/step_3")
+    assert missing.returncode == 2 and "not a committed checkpoint" in missing.stderr
