@@ -142,6 +142,8 @@ class Committer:
         """
         created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest = build_manifest(staging, digests)
+        # Files other ranks wrote to their own (node-local) disks: listed by the digests they reported (see `remote`).
+        manifest.update({rel: {"size": size, "sha256": sha} for rel, (size, sha) in digests.items() if rel not in manifest})
         info = TrainingInfo(
             step=request.step,
             epoch=request.epoch,

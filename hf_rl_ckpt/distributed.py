@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -145,6 +147,27 @@ def failures(error: BaseException | None, group: Any = None) -> dict[int, str]:
     """Every rank's failure ("Type: message") by rank, given this rank's `error` (None: it succeeded); {} when all succeeded."""
     reports = all_gather_object(None if error is None else f"{type(error).__name__}: {error}", group)
     return {index: report for index, report in enumerate(reports) if report is not None}
+
+
+def seeing_rank0_directory(root: Path) -> list[bool]:
+    """For each rank: does it see rank 0's `root` (a shared filesystem), or a directory of that name on its own disk (node-local)?
+
+    Every rank must call it. Rank 0 writes a probe file named by a fresh token, every rank
+    looks for it, rank 0 removes it once all have looked. [True] without a process group.
+    """
+    if not is_distributed():
+        return [True]
+
+    def write_probe() -> str:
+        name = f".hf_rl_ckpt-shared-{uuid.uuid4().hex}"
+        (root / name).write_bytes(b"")
+        return name
+
+    probe = on_rank0(write_probe)
+    seen = all_gather_object((root / probe).is_file())  # every rank has looked before the probe goes
+    if rank() == 0:
+        (root / probe).unlink()
+    return seen
 
 
 def destroy_group(group: Any) -> None:

@@ -104,7 +104,7 @@ class CheckpointLoader:
         if mode == "from_path":
             source = self.config.resume.resume_path or ""
             if is_remote_url(source):
-                return self.load(distributed.on_rank0(lambda: self._fetch_url(source)), **objects)
+                return self.load(self._localized(distributed.on_rank0(lambda: self._fetch_url(source))), **objects)
             return self._load_from_path(Path(source), objects)
         if self.remote is not None:  # a fresh node: the newest checkpoint may be remote only
             distributed.on_rank0(self.remote.fetch_newest)
@@ -116,13 +116,21 @@ class CheckpointLoader:
         failures = []
         for _step, path in candidates:
             try:
-                return self.load(path, **objects)
+                return self.load(self._localized(path), **objects)
             except CorruptCheckpointError as err:
                 if self.config.resume.on_corrupt == "error":
                     raise
                 failures.append(f"{path.name}: {err}")
                 logger.warning("checkpoint %s is unusable (%s); falling back to the previous complete checkpoint", path, err)
         raise CorruptCheckpointError(self.layout.root, "no loadable checkpoint: " + " | ".join(failures))
+
+    def _localized(self, path: Path) -> Path:
+        """`path`, whole on every rank: with node-local disks a rank on its own disk downloads it first (every rank must call this)."""
+        if self.remote is not None and self.remote.node_local:
+            with distributed.agreed():  # a rank that cannot get it fails this candidate on every rank
+                if self.remote.own_disk:
+                    self.remote.localize(path.name)
+        return path
 
     def _fetch_url(self, url: str) -> Path:
         """`resume_path` is a remote checkpoint (`s3://bucket/run/step_40`): its verified copy in `checkpoint_dir` (downloaded unless there already)."""

@@ -273,13 +273,18 @@ class CheckpointManager(BaseCheckpointManager):
         self._index = IndexAndRetention(self.layout, self.registry, self.policy, self.events)
         self.committer = Committer(self.layout, self.registry, self.policy, self.events)
         self._writer = CheckpointWriter(config, self.committer, self.registry, self.policy, training_config or {})
-        self.remote = RemoteTier(RemoteStore(config.remote_dir, config.remote_storage_options), self.layout, config.remote_retry) if config.remote_dir else None
+        self.remote = RemoteTier(
+            RemoteStore(config.remote_dir, config.remote_storage_options), self.layout, config.remote_retry,
+            rank_timeout=parse_duration(config.async_rank_timeout, field_name="async_rank_timeout"),
+        ) if config.remote_dir else None
         self._loader = CheckpointLoader(config, self.layout, self._writer.background, remote=self.remote)
         # Like checkpoint_dir (see CheckpointLayout): resolved once, so an os.chdir cannot move where weights are published.
         self._sync_weight_path = os.path.abspath(config.sync_weight_path) if config.sync_weight_path else None
         listeners: list[Subscriber] = [self._index]
         if config.enabled:
-            distributed.on_rank0(self._open)  # the lock and recovery outcome, raised on every rank
+            read_only = distributed.on_rank0(self._open)  # the lock and recovery outcome, raised on every rank
+            if not read_only:
+                self._check_disks(distributed.seeing_rank0_directory(self.layout.root))
             if distributed.rank() == 0 and not self.committer.read_only and config.push_to_hub:
                 listeners.append(HubPublishing(config, self.registry))  # publishing records its progress in checkpoints.json
             if self.remote is not None and distributed.rank() == 0 and not self.committer.read_only:
@@ -288,7 +293,7 @@ class CheckpointManager(BaseCheckpointManager):
                 self._preemption.install()
         self.events.extend([*listeners, *subscribers])
 
-    def _open(self) -> None:
+    def _open(self) -> bool:
         if self.remote is not None:  # unreachable, no credentials, denied: one clear error now, before anything is written
             self.remote.store.check_access()
         self.committer.open()
@@ -296,6 +301,27 @@ class CheckpointManager(BaseCheckpointManager):
             self._index.warn_about_other_settings()
             if self.remote is not None:
                 self.remote.catch_up()
+        return self.committer.read_only
+
+    def _check_disks(self, seeing: list[bool]) -> None:
+        """Node-local disks (a rank does not see rank 0's checkpoint_dir): supported through `remote_dir`, refused without it."""
+        if all(seeing):
+            return
+        blind = [rank for rank, seen in enumerate(seeing) if not seen]
+        where = f"checkpoint_dir {self.layout.root} is not shared by every rank: rank(s) {', '.join(map(str, blind[:8]))} do not see rank 0's files"
+        if self.remote is None:
+            raise ConfigError(f"{where}, so their parts of each checkpoint would never be committed. Put checkpoint_dir on a "
+                              "filesystem every rank shares, or set remote_dir (each node then uploads its own files)")
+        if self.config.async_save:
+            raise ConfigError(f"{where}; with node-local disks, saves are synchronous for now: set async_save: false")
+        own_disk = not seeing[distributed.rank()]
+        self._writer.own_disk = self.remote.own_disk = own_disk
+        self._writer.node_local = self.remote.node_local = True
+        if own_disk:
+            self.layout.root.mkdir(parents=True, exist_ok=True)
+            self.remote.catch_up()
+            self.events.extend([self.remote])  # its uploads are drained and stopped with the others'
+        logger.info("%s: node-local disks; each rank uploads its own files to %s", where, self.remote.store.url)
 
     @property
     def read_only(self) -> bool:
@@ -366,6 +392,10 @@ class CheckpointManager(BaseCheckpointManager):
                 self.config.keep_top_k,
             )
         path = self._writer.save(inputs, started, in_background=self.config.async_save and not self._preempted)  # the job is ending: write now
+        if self.remote is not None and self.remote.node_local:  # ranks on their own disks keep, evict and upload their files
+            retained = distributed.on_rank0(lambda: [folder.name for folder in self.layout.committed_steps().values()])
+            if self.remote.own_disk:
+                self.remote.keep_own_files(path.name, retained)
         self._deadline_saved |= self._deadline_reached
         self._preemption_saved |= self._preempted
         return path

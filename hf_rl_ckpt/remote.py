@@ -198,36 +198,74 @@ class RemoteStore:
         ]
 
     # ------------------------------------------------------------- write
-    def upload(self, local: Path, name: str) -> int:
-        """Copy the committed checkpoint folder `local` to `<remote_dir>/<name>/`, its marker last; return the bytes uploaded.
-
-        Idempotent: files already there with their manifest size are kept, so an upload cut
-        short (a crash, a lost connection) is completed rather than redone. A committed
-        remote copy of another save of the same step is uncommitted first (its marker
-        removed), so no reader ever sees a mix of the two.
-        """
-        marker = (local / MARKER).read_bytes()
-        manifest: dict[str, dict[str, Any]] = json.loads(marker)["manifest"]
+    def _sizes(self, name: str) -> dict[str, int | None]:
         prefix = self._path(name)
         self.fs.invalidate_cache(prefix)
         try:
-            present = {path[len(prefix) + 1:]: entry.get("size") for path, entry in self.fs.find(prefix, detail=True).items()}
+            return {path[len(prefix) + 1:]: entry.get("size") for path, entry in self.fs.find(prefix, detail=True).items()}
         except FileNotFoundError:
-            present = {}
-        if MARKER in present:
-            self.fs.rm_file(self._path(name, MARKER))
-        stale = [rel for rel in present if rel not in manifest and rel != MARKER]
-        if stale:
-            self.fs.rm([self._path(name, rel) for rel in stale])
-        todo = [rel for rel, entry in manifest.items() if present.get(rel) != entry["size"]]
+            return {}
+
+    def upload_files(self, local: Path, name: str, sizes: Mapping[str, int], *, present: Mapping[str, int | None] | None = None) -> int:
+        """Copy files of folder `local` (relative path -> size) to `<remote_dir>/<name>/`, skipping those already there with that size; return the bytes copied.
+
+        No marker: a rank on its own disk uploads its files this way, and rank 0's `upload`
+        commits the checkpoint once every file is there.
+        """
+        present = self._sizes(name) if present is None else present
+        todo = [rel for rel, size in sizes.items() if present.get(rel) != size]
         if todo:
             if self._local:
                 for rel in todo:
                     self.fs.makedirs(self._path(name, rel).rsplit("/", 1)[0], exist_ok=True)
             self.fs.put([str(local / rel) for rel in todo], [self._path(name, rel) for rel in todo], callback=_EachFile())
+        return sum(sizes[rel] for rel in todo)
+
+    def upload(self, local: Path, name: str, *, wait_for_others: float = 0.0) -> int:
+        """Copy the committed checkpoint folder `local` to `<remote_dir>/<name>/`, its marker last; return the bytes uploaded.
+
+        Idempotent: files already there with their manifest size are kept, so an upload cut
+        short (a crash, a lost connection) is completed rather than redone. A committed
+        remote copy of another save of the same step is uncommitted first (its marker
+        removed), so no reader ever sees a mix of the two. Files of the manifest that are not
+        in `local` (written by ranks on their own disks, which upload them) are waited for,
+        up to `wait_for_others` seconds, before the marker is written.
+
+        Raises:
+            RemoteStorageError: files of other ranks did not arrive in time (the checkpoint stays uncommitted remotely).
+        """
+        marker = (local / MARKER).read_bytes()
+        manifest: dict[str, dict[str, Any]] = json.loads(marker)["manifest"]
+        present = self._sizes(name)
+        if MARKER in present:
+            self.fs.rm_file(self._path(name, MARKER))
+        stale = [rel for rel in present if rel not in manifest and rel != MARKER]
+        if stale:
+            self.fs.rm([self._path(name, rel) for rel in stale])
+        here = {rel: entry["size"] for rel, entry in manifest.items() if (local / rel).is_file()}
+        nbytes = self.upload_files(local, name, here, present=present)
+        elsewhere = {rel: entry["size"] for rel, entry in manifest.items() if rel not in here}
+        if elsewhere:
+            self._await_files(name, elsewhere, wait_for_others)
         faultpoint("remote.before_marker")
         self.fs.pipe_file(self._path(name, MARKER), marker)
-        return sum(manifest[rel]["size"] for rel in todo) + len(marker)
+        return nbytes + len(marker)
+
+    def _await_files(self, name: str, sizes: Mapping[str, int], timeout: float) -> None:
+        """Wait until every file of `sizes` is in `<remote_dir>/<name>/` with its size (polling the listing, backing off to 5 s)."""
+        deadline, delay = time.monotonic() + timeout, 0.1
+        while True:
+            present = self._sizes(name)
+            missing = sorted(rel for rel, size in sizes.items() if present.get(rel) != size)
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise RemoteStorageError(
+                    f"{self._path(name)}: files written by other ranks (on their own disks) did not arrive within {timeout:g}s: "
+                    f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; it stays uncommitted remotely until they do"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def download(self, name: str, dest: Path) -> dict[str, Any]:
         """Copy committed remote checkpoint `name` into the new folder `dest`, its marker last; return its training_info.
@@ -288,15 +326,17 @@ def fetch(store: RemoteStore, name: str, layout: CheckpointLayout) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     started = time.perf_counter()
+    final = layout.root / name
     try:
         store.download(name, staging)
         verify_checkpoint(staging, checksums=True)
-        commit_directory(staging, layout.root / name)
+        # A rank on its own disk may hold its part of this checkpoint (no marker): the whole copy replaces it.
+        commit_directory(staging, final, parked=layout.trash_root / f"replaced-{name}" if final.exists() else None)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("downloaded %s/%s into %s in %.2fs (verified)", store.url, name, layout.root, time.perf_counter() - started)
-    return layout.root / name
+    return final
 
 
 class RemoteTier(Subscriber):
@@ -307,10 +347,12 @@ class RemoteTier(Subscriber):
     failure, then quieter) and training goes on with its local checkpoints.
     """
 
-    def __init__(self, store: RemoteStore, layout: CheckpointLayout, retry: RetryPolicy) -> None:
-        self.store, self.layout = store, layout
+    def __init__(self, store: RemoteStore, layout: CheckpointLayout, retry: RetryPolicy, *, rank_timeout: float = 1800.0) -> None:
+        self.store, self.layout, self.rank_timeout = store, layout, rank_timeout
         self.worker = BackgroundWorker("hf_rl_ckpt-remote", retry=retry, transient=is_transient, on_failure=self._failed)
         self._failures_reported: set[tuple[str, str]] = set()
+        # Set by the manager: some rank does not see rank 0's checkpoint_dir (node-local disks); this one does not.
+        self.node_local = self.own_disk = False
 
     # ------------------------------------------------------------- events
     def on_committed(self, event: CheckpointCommitted) -> None:
@@ -329,6 +371,11 @@ class RemoteTier(Subscriber):
     def catch_up(self) -> None:
         """At start: upload each local checkpoint the remote lacks, or holds from another save (an upload cut short by a crash)."""
         remote = {checkpoint.name: checkpoint.info for checkpoint in self.store.committed()}
+        if self.own_disk:  # this rank's files of checkpoints not committed remotely yet
+            for path in self._own_folders().values():
+                if path.name not in remote and not (path / MARKER).is_file():
+                    self._submit_own_upload(path.name)
+            return
         for step, info in self.layout.committed_infos().items():
             name = self.layout.step_name(step)
             if info is not None and _same_commit(remote.get(name), info):
@@ -360,6 +407,42 @@ class RemoteTier(Subscriber):
             logger.error("cannot resume from remote_dir %s (%s: %s); resuming from the local checkpoints", self.store.url, type(err).__name__, err)
             return None
 
+    # ------------------------------------------------------------- node-local disks
+    # A rank whose checkpoint_dir is its own disk keeps the files it wrote under `<name>/` there
+    # (no marker: rank 0's copy is the committed one) and uploads them itself; rank 0 writes the
+    # marker once they have arrived. Resuming, such a rank downloads the whole checkpoint.
+
+    def keep_own_files(self, name: str, retained: list[str]) -> None:
+        """After a save (every rank on its own disk): put this rank's staged files in place, drop evicted ones, upload them."""
+        staging, final = self.layout.incomplete_root / name, self.layout.root / name
+        shutil.rmtree(final, ignore_errors=True)
+        if staging.is_dir():
+            staging.rename(final)
+        for path in self._own_folders().values():
+            if path.name not in retained:
+                shutil.rmtree(path, ignore_errors=True)
+        self._submit_own_upload(name)
+
+    def localize(self, name: str) -> Path:
+        """The whole checkpoint `name` in this rank's checkpoint_dir: there already (it has its marker), or downloaded."""
+        path = self.layout.root / name
+        return path if (path / MARKER).is_file() else fetch(self.store, name, self.layout)
+
+    def _own_folders(self) -> dict[int, Path]:
+        if not self.layout.root.is_dir():
+            return {}
+        found = {self.layout.parse_step(entry.name): entry for entry in self.layout.root.iterdir() if entry.is_dir()}
+        return {step: path for step, path in found.items() if step is not None}
+
+    def _submit_own_upload(self, name: str) -> None:
+        def upload() -> None:
+            local = self.layout.root / name
+            if local.is_dir() and not (local / MARKER).is_file():
+                files = {path.relative_to(local).as_posix(): path.stat().st_size for path in local.rglob("*") if path.is_file()}
+                self.store.upload_files(local, name, files)
+
+        self.worker.submit(("upload", name), upload)
+
     # ------------------------------------------------------------- jobs
     def _submit_upload(self, name: str) -> None:
         if not self.worker.idle:
@@ -375,7 +458,7 @@ class RemoteTier(Subscriber):
         if not (local / MARKER).is_file():
             return  # evicted (or replaced) since it was queued: nothing to copy
         started = time.perf_counter()
-        nbytes = self.store.upload(local, name)
+        nbytes = self.store.upload(local, name, wait_for_others=self.rank_timeout)
         elapsed = time.perf_counter() - started
         logger.info("uploaded %s to %s (%.1f MB in %.2fs, %.1f MB/s)", name, self.store.url, nbytes / 1e6, elapsed, nbytes / 1e6 / max(elapsed, 1e-9))
 

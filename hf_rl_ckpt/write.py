@@ -38,6 +38,7 @@ from .layout import ADAPTER_DIR, CONFIG_YAML, CheckpointLayout, CONSOLIDATED_DIR
 from .atomic import commit_directory, staging_sibling, write_bytes
 from .events import Subscribers
 from .plan import SavePlan, plan_save
+from .verify import build_manifest
 from .records import ModelSummary, OptimizerFormat, WeightsFormat
 from .registry import Registry
 from .retention import RetentionPolicy
@@ -108,6 +109,8 @@ class CheckpointWriter:
         self.background = AsyncCheckpointWriter(defer_optimizer_copy=config.async_defer_optimizer_copy)
         self.rank_timeout = parse_duration(config.async_rank_timeout, field_name="async_rank_timeout")
         self._background_ranks: distributed.Ranks | None = None  # the async saves' side channel, made at the first one
+        # Node-local disks (see `remote`): some rank does not see rank 0's directory; this one does not (it stages its own files).
+        self.node_local = self.own_disk = False
 
     # ------------------------------------------------------------- the flow
     def save(self, inputs: SaveInputs, started: float, *, in_background: bool = False) -> Path:
@@ -115,11 +118,14 @@ class CheckpointWriter:
         step = inputs.record.step
         staging = self.layout.incomplete_dir(step)
         error = None
-        if self.ranks.rank == 0:
-            try:
+        try:
+            if self.ranks.rank == 0:
                 self.committer.staging_dir(step)
-            except (OSError, CheckpointError) as err:  # read-only dir, lock taken by another process, disk full: reported below
-                error = err
+            elif self.own_disk:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+        except (OSError, CheckpointError) as err:  # read-only dir, lock taken by another process, disk full: reported below
+            error = err
         self._agree(step, staging, error)
         plan, parts, error = None, [], None
         try:
@@ -141,6 +147,8 @@ class CheckpointWriter:
             digests.update(part)
         if in_background:
             return self._stage_for_background(plan, [part for part in parts if part.background], digests, request)
+        if self.own_disk:  # rank 0 cannot hash what is on this rank's disk: files written without a digest (DCP's) too
+            digests = {rel: (entry["size"], entry["sha256"]) for rel, entry in build_manifest(staging, digests).items()}
         all_digests: Digests = {}
         for rank_digests in self.ranks.all_gather_object(digests):
             all_digests.update(rank_digests)
@@ -305,7 +313,10 @@ class CheckpointWriter:
 
             def write_sharded() -> Digests:
                 consolidated = staging / CONSOLIDATED_DIR if plan.contents.consolidated else None
-                save_sharded(module, staging / SHARDED_DIR, consolidated, max_shard_size=self.max_shard_size, tokenizer=tokenizer)
+                save_sharded(
+                    module, staging / SHARDED_DIR, consolidated, max_shard_size=self.max_shard_size, tokenizer=tokenizer,
+                    shards_visible=not self.node_local,
+                )
                 return write_extra_files()
 
             return SavePart("model", write_sharded, background=False)  # DCP collectives

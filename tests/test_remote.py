@@ -25,7 +25,7 @@ import _trainer_run as R  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "dist"))
-from dist_helpers import full_state  # noqa: E402
+from dist_helpers import full_state, torchrun  # noqa: E402
 
 
 def config(tmp_path: Path, remote: str, name: str = "ckpt", **fields) -> CheckpointConfig:
@@ -243,3 +243,14 @@ def test_the_cli_lists_inspects_and_verifies_remote_checkpoints(tmp_path, make_o
     assert "missing" in cli("list", s3.url).stdout
     missing = cli("verify", f"{s3.url}/step_3")
     assert missing.returncode == 2 and "not a committed checkpoint" in missing.stderr
+
+
+def test_node_local_disks_upload_their_own_files_and_fresh_jobs_of_1_and_2_ranks_resume_from_the_remote(tmp_path, s3):
+    script = REPO / "tests" / "dist" / "node_local.py"
+    torchrun(script, 2, "save", str(tmp_path / "disks"), s3.url, str(tmp_path / "ref"))
+    for nproc in (2, 1):
+        torchrun(script, nproc, "resume", str(tmp_path / f"fresh_{nproc}"), s3.url, str(tmp_path / "ref"))
+
+
+def test_a_checkpoint_dir_the_ranks_do_not_share_is_refused_without_remote_dir(tmp_path):
+    assert "rank 1: unshared OK" in torchrun(REPO / "tests" / "dist" / "node_local.py", 2, "unshared", str(tmp_path / "disks"))

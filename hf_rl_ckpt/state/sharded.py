@@ -6,7 +6,8 @@ safetensors files whose headers record where each slice sits in the full tensor,
 ever materialises the full model and nothing is pickled (DCP's default `.metadata` file is).
 The deployable `model/consolidated/` folder is then assembled from the shards on disk by DCP's
 `consolidate_safetensors_files`, which copies one tensor at a time: peak extra memory is one
-full tensor, not the model. It runs on rank 0 only and outside any collective, so a failure
+full tensor, not the model (on node-local disks, where rank 0 cannot read the other ranks'
+shards, the full tensors are gathered to rank 0 instead). It runs on rank 0 only and outside any collective, so a failure
 there reaches the other ranks through the manager's collective error check instead of leaving
 them blocked in a collective that rank 0 never joins.
 
@@ -24,15 +25,16 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from huggingface_hub import split_torch_state_dict_into_shards
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from .. import distributed
-from ..errors import CorruptCheckpointError
+from ..errors import CheckpointSaveError, CorruptCheckpointError
 from ..shims import consolidate_safetensors_files
-from .model import SAFE_INDEX, SAFE_WEIGHTS, check_compatible, deduplicated_state_dict, save_hf_metadata
+from .model import SAFE_INDEX, SAFE_WEIGHTS, check_compatible, deduplicated_state_dict, save_consolidated, save_hf_metadata
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -58,16 +60,27 @@ def consolidated_file_plan(state: dict[str, torch.Tensor], max_shard_size: int) 
 
 
 def save_sharded(
-    model: torch.nn.Module, sharded_dir: Path, consolidated_dir: Path | None, *, max_shard_size: int, tokenizer: Any | None = None
+    model: torch.nn.Module, sharded_dir: Path, consolidated_dir: Path | None, *, max_shard_size: int, tokenizer: Any | None = None,
+    shards_visible: bool = True,
 ) -> None:
     """Write `model`'s shards into `sharded_dir` (collective: every rank calls it) and, unless
     `consolidated_dir` is None, the HF folder assembled from them (on rank 0).
 
-    Files are hashed afterwards by the manifest builder; nothing is returned.
+    `shards_visible=False` (node-local disks: rank 0 cannot read the other ranks' shards):
+    the consolidated folder is written from the full tensors gathered to rank 0 instead
+    (a collective; peak memory on rank 0 is the model). Files are hashed afterwards by the
+    manifest builder; nothing is returned.
     """
     state = hf_state_dict(model)
     dcp.save(state, storage_writer=HuggingFaceStorageWriter(os.fspath(sharded_dir), save_distributed=True))
-    if consolidated_dir is None or distributed.rank() != 0:
+    if consolidated_dir is None:
+        return
+    if not shards_visible:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0 only keeps it
+        if distributed.rank() == 0:
+            save_consolidated(model, consolidated_dir, max_shard_size=max_shard_size, tokenizer=tokenizer, state=full)
+        return
+    if distributed.rank() != 0:
         return
     consolidated_dir.mkdir(parents=True, exist_ok=True)
     plan, multi_file = consolidated_file_plan(state, max_shard_size)
@@ -77,7 +90,22 @@ def save_sharded(
         # `save_pretrained`'s single-file name so every checkpoint's folder looks the same.
         os.replace(consolidated_dir / "model-00001-of-00001.safetensors", consolidated_dir / SAFE_WEIGHTS)
         (consolidated_dir / SAFE_INDEX).unlink()
+    _check_whole(consolidated_dir, {name: tuple(tensor.shape) for name, tensor in state.items()})
     save_hf_metadata(model, consolidated_dir, tokenizer)
+
+
+def _check_whole(consolidated_dir: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a consolidated folder whose tensors are not the model's full shapes (shards of some rank were not on this disk)."""
+    written: dict[str, tuple[int, ...]] = {}
+    for path in consolidated_dir.glob("*.safetensors"):
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            written.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+    wrong = [f"{name} {written.get(name)} (full: {shape})" for name, shape in shapes.items() if written.get(name) != shape]
+    if wrong:
+        raise CheckpointSaveError(
+            f"consolidating {consolidated_dir} from the shards found {len(wrong)} tensor(s) incomplete, e.g. {', '.join(wrong[:3])}: "
+            "rank 0 does not see every rank's shards; put checkpoint_dir on a shared filesystem or set remote_dir"
+        )
 
 
 def load_sharded(model: torch.nn.Module, folder: Path) -> None:
