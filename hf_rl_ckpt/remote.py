@@ -155,7 +155,9 @@ class RemoteStore:
             self.fs.pipe_file(probe, b"hf_rl_ckpt write check\n")
             self.fs.rm_file(probe)
         except Exception as err:
-            raise RemoteStorageError(f"remote_dir {self.url} is not usable ({type(err).__name__}: {err}): {_hint(err)}") from err
+            raise RemoteStorageError(
+                f"remote_dir {self.url} is not usable ({type(err).__name__}: {err}): {_hint(err)}. Nothing was written; fix it and start again"
+            ) from err
 
     # ------------------------------------------------------------- read
     def committed(self) -> list[RemoteCheckpoint]:

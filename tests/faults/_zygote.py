@@ -22,6 +22,7 @@ Run from the parent with `python _zygote.py`; stderr of the children is inherite
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +37,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, ResumableDataLoader  # noqa: E402
 from hf_rl_ckpt.testing.crash import arm_kill  # noqa: E402
+from hf_rl_ckpt.state.model import unwrap_model  # noqa: E402
 from hf_rl_ckpt.testing.tiny import build_model  # noqa: E402
+
+# What a first save imports lazily, imported here once: unwrapping a model, accelerate imports DeepSpeed when it is
+# installed (0.8 s), which every forked child would otherwise pay inside its first save. DeepSpeed's logger writes
+# to the stdout of its import: make that stderr, stdout carries the protocol.
+with contextlib.redirect_stdout(sys.stderr):
+    unwrap_model(torch.nn.Linear(1, 1))
 
 #: Retention in every trial: keep the newest two, so evictions (and their crash windows) happen on every save.
 CONFIG = dict(keep_top_k=2, metric_name="step")
