@@ -248,6 +248,9 @@ def main() -> None:
         else:
             fault_matrix(*args.paths, args.stall)
         print(f"rank {rank()}: {args.mode} OK", flush=True)
+        # Every rank done with every collective before any tears the groups down: a gloo send still in flight when
+        # its peer closes the connection can abort the process at exit (seen once in CI, after the checks passed).
+        dist.barrier()
     finally:
         gc.collect()  # see examples/fsdp_custom_loop.py
         dist.destroy_process_group()
