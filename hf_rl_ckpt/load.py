@@ -28,7 +28,7 @@ from .convert import convert_checkpoint, detect_format
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
 from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, TRAINING_INFO, CheckpointLayout, dataloader_file, rng_file
 from .plan import ModelKind, classify_model
-from .remote import RemoteStore, RemoteTier, fetch, is_remote_url
+from .remote import RemoteStore, RemoteTier, fetch, is_remote_url, same_commit
 from .records import Contents, OptimizerFormat, TrainingInfo, WeightsFormat
 from .state.dataloader import load_dataloader
 from .state.deepspeed import check_zero_fits, gathered, load_partitioned, load_zero_optimizer, trainable_parameters, zero_optimizer
@@ -142,8 +142,7 @@ class CheckpointLoader:
                                           f"`hf-rl-ckpt list {parent}` shows those that are")
         local = self.layout.root / name
         if local.exists():
-            held = read_training_info(local) if (local / TRAINING_INFO).is_file() else {}
-            if all(held.get(key) == info.get(key) for key in ("step", "commit_seq", "created_at")):
+            if same_commit(read_training_info(local) if (local / TRAINING_INFO).is_file() else None, info):
                 return local  # the same save: its local copy
             raise CheckpointError(f"resume.resume_path {url} and {local} are different checkpoints of one name; "
                                   "move the local one away or resume into another checkpoint_dir (nothing was overwritten)")

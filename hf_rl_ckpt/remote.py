@@ -191,11 +191,9 @@ class RemoteStore:
 
     def problems(self, name: str, info: Mapping[str, Any]) -> list[str]:
         """What is wrong with committed remote checkpoint `name` by its listing: files of its manifest missing or of the wrong size."""
-        prefix = self._path(name)
-        self.fs.invalidate_cache(prefix)
-        sizes = {path[len(prefix) + 1:]: entry.get("size") for path, entry in self.fs.find(prefix, detail=True).items()}
+        sizes = self._sizes(name)
         return [
-            f"{prefix}/{rel}: " + ("missing" if rel not in sizes else f"size {sizes[rel]} bytes, manifest says {entry['size']}")
+            f"{self._path(name, rel)}: " + ("missing" if rel not in sizes else f"size {sizes[rel]} bytes, manifest says {entry['size']}")
             for rel, entry in info["manifest"].items() if sizes.get(rel) != entry.get("size")
         ]
 
@@ -380,7 +378,7 @@ class RemoteTier(Subscriber):
             return
         for step, info in self.layout.committed_infos().items():
             name = self.layout.step_name(step)
-            if info is not None and _same_commit(remote.get(name), info):
+            if info is not None and same_commit(remote.get(name), info):
                 continue
             logger.warning("remote_dir %s lacks %s (an upload did not finish before the last run ended): uploading it", self.store.url, name)
             self._submit_upload(name)
@@ -396,12 +394,8 @@ class RemoteTier(Subscriber):
             if not remote:
                 return None
             newest = remote[-1]
-            local = self.layout.committed_infos()
-            same = local.get(newest.step) if self.layout.step_name(newest.step) == newest.name else None
-            if _same_commit(same, newest.info):
-                return None
-            orders = [commit_order(step, info) for step, info in local.items() if info is not None]
-            if orders and max(orders) >= newest.order:
+            orders = [commit_order(step, info) for step, info in self.layout.committed_infos().items() if info is not None]
+            if orders and max(orders) >= newest.order:  # the newest commit is local (also when it is this very save)
                 return None
             logger.info("the newest checkpoint is %s/%s (not in %s): downloading it", self.store.url, newest.name, self.layout.root)
             return fetch(self.store, newest.name, self.layout)
@@ -478,6 +472,6 @@ class RemoteTier(Subscriber):
             "; the next start uploads what is missing" if action == "upload" else "")
 
 
-def _same_commit(remote: Mapping[str, Any] | None, local: Mapping[str, Any]) -> bool:
-    """Do two training_info.json describe the same save (not just the same step)?"""
-    return remote is not None and all(remote.get(key) == local.get(key) for key in ("step", "commit_seq", "created_at"))
+def same_commit(one: Mapping[str, Any] | None, other: Mapping[str, Any]) -> bool:
+    """Do two training_info.json describe the same save (not just the same step)? None (no such checkpoint): no."""
+    return one is not None and all(one.get(key) == other.get(key) for key in ("step", "commit_seq", "created_at"))
