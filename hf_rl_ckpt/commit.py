@@ -52,7 +52,7 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def checked_step(step: Any) -> int:
+def checked_step(step: Any, name: str = "step") -> int:
     """`step` as an int, or CheckpointSaveError before anything is written: a checkpoint's name encodes its step."""
     try:
         if isinstance(step, bool):
@@ -62,7 +62,8 @@ def checked_step(step: Any) -> int:
         number = None
     if number is None or number < 0:
         raise CheckpointSaveError(
-            f"step {step!r} ({type(step).__name__}) cannot name a checkpoint: pass the global step, an integer >= 0"
+            f"step {step!r} ({type(step).__name__}) cannot name a checkpoint: pass the global step, an integer >= 0" if name == "step"
+            else f"{name} {step!r} ({type(step).__name__}) is not a step number: pass an integer >= 0"
         )
     return number
 
@@ -78,10 +79,14 @@ class CommitRequest:
     model: ModelSummary | None = None
     contents: Contents | None = None  # None: a framework wrote the files itself (`Committer.commit_staged`)
     world_size: int = 1  # the ranks that wrote it
+    policy_version: int | None = None
     started: float = field(default_factory=time.perf_counter)  # when the save began
 
     @classmethod
-    def checked(cls, step: Any, metrics: Mapping[str, Any] | None, epoch: Any, extra: Mapping[str, Any] | None, metric_name: str | None) -> CommitRequest:
+    def checked(
+        cls, step: Any, metrics: Mapping[str, Any] | None, epoch: Any, extra: Mapping[str, Any] | None, metric_name: str | None,
+        policy_version: Any = None,
+    ) -> CommitRequest:
         """The records of a save as plain JSON, refused (CheckpointSaveError naming the key) before anything is written.
 
         The ranking metric is checked first, as given: NaN or infinity cannot rank (the other
@@ -92,6 +97,7 @@ class CommitRequest:
         return cls(
             step=step, metrics=jsoncodec.plain(dict(metrics or {}), "metrics"), epoch=jsoncodec.plain(epoch, "epoch"),
             extra=jsoncodec.plain(dict(extra or {}), "extra_state"),
+            policy_version=None if policy_version is None else checked_step(policy_version, "policy_version"),
         )
 
 
@@ -158,6 +164,7 @@ class Committer:
             extra=request.extra,
             contents=request.contents,
             manifest=manifest,
+            policy_version=request.policy_version,
         )
         atomic_write_json(staging / TRAINING_INFO, info.to_json())
         faultpoint("commit.before_fsync")

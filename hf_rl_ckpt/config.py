@@ -106,6 +106,8 @@ class CheckpointConfig:
     async_rank_timeout: str = "00:30:00"
     sync_weight_path: str | None = None
     sync_weight_period: int = 1
+    sync_weight_keep: int = 2
+    consolidated_dtype: Literal["bfloat16", "float16", "float32"] | None = None
     model_cache_dir: str | None = None
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     max_shard_size: int | str = "5GB"
@@ -153,6 +155,11 @@ class CheckpointConfig:
             raise ConfigError(f"save_period must be >= 1 (got {self.save_period}); leave it unset to save only on evaluation/end.")
         if self.sync_weight_period < 1:
             raise ConfigError(f"sync_weight_period must be >= 1 (got {self.sync_weight_period}).")
+        if self.sync_weight_keep < 1:
+            raise ConfigError(
+                f"sync_weight_keep must be >= 1 (got {self.sync_weight_keep}): the published version is always kept; "
+                "2 (the default) also keeps the one an engine may still be reading"
+            )
         if self.keep_top_k is not None:
             if self.keep_top_k < 1:
                 raise ConfigError(f"keep_top_k must be >= 1 (got {self.keep_top_k}); leave it unset (null) to keep every checkpoint.")

@@ -95,6 +95,11 @@ def rng_file(rank: int) -> str:
     return f"rng/rank_{rank}.safetensors"
 
 
+def rollout_files(rank: int) -> tuple[str, str]:
+    """A rank's rollout state (see `state.rollout`): its tensors, and the JSON of the rest."""
+    return f"rollout/rank_{rank}.safetensors", f"rollout/rank_{rank}.json"
+
+
 def safe_join(root: str | os.PathLike, relpath: str) -> Path:
     """`root/relpath`, refusing absolute paths, `..` and symlinks that lead outside `root`.
 

@@ -26,7 +26,7 @@ from .async_save import AsyncCheckpointWriter
 from .config import CheckpointConfig
 from .convert import convert_checkpoint, detect_format
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
-from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, TRAINING_INFO, CheckpointLayout, dataloader_file, rng_file
+from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, TRAINING_INFO, CheckpointLayout, dataloader_file, rng_file, rollout_files
 from .plan import ModelKind, classify_model
 from .remote import RemoteStore, RemoteTier, fetch, is_remote_url, same_commit
 from .records import Contents, OptimizerFormat, TrainingInfo, WeightsFormat
@@ -36,6 +36,7 @@ from .state.model import load_consolidated, read_weights, weight_files
 from .state.optim import check_optimizer_fits, load_optimizer
 from .state.peft import load_adapter
 from .state.rng import load_rng
+from .state.rollout import load_rollout
 from .state.safetensors_io import tensors_from_buffer
 from .state.scheduler import load_scheduler
 from .state.sharded import load_sharded
@@ -57,6 +58,8 @@ class ResumeState:
         path: the checkpoint directory loaded.
         extra: the JSON `extra_state` passed to `save`.
         weights_only: True when only model weights were loaded (`resume.load_weight_only`).
+        rollout_state: this rank's `rollout_state` passed to `save` (tensors on the CPU), None if it passed none.
+        policy_version: the `policy_version` passed to `save`, if any.
     """
 
     step: int
@@ -65,6 +68,8 @@ class ResumeState:
     metrics: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     weights_only: bool = False
+    rollout_state: Any = None
+    policy_version: int | None = None
 
 
 def weights_dir(path: Path, contents: Contents, kind: ModelKind) -> str:
@@ -187,8 +192,11 @@ class CheckpointLoader:
         kind = classify_model(model)
         preloaded: Preloaded = {}
         info, contents = self._verified_info(path, kind=kind, load_optimizer=optimizer is not None and not weights_only, preloaded=preloaded)
+        rollout_state = None
         with distributed.agreed():  # a rank that cannot load fails the load on every rank, before training goes on
             folder = weights_dir(path, contents, kind)
+            if contents.rollout and not weights_only:  # read before anything is modified: it is small, and may be damaged
+                rollout_state = self._rollout_state(path, info)
             if optimizer is not None and not weights_only:  # before the weights load: a misfit leaves the model as it was
                 self._check_optimizer_fits(path, kind, contents, optimizer)
             if kind.partitioned and folder == CONSOLIDATED_DIR:
@@ -207,7 +215,10 @@ class CheckpointLoader:
                 self._load_optimizer(path, kind, contents, optimizer, scheduler, preloaded)
                 self._load_data_position(path, info, dataloader)
                 self.load_rng_state(path)
-        state = ResumeState(step=info.step, path=path, epoch=info.epoch, metrics=info.metrics, extra=info.extra, weights_only=weights_only)
+        state = ResumeState(
+            step=info.step, path=path, epoch=info.epoch, metrics=info.metrics, extra=info.extra, weights_only=weights_only,
+            rollout_state=rollout_state, policy_version=info.policy_version,
+        )
         logger.info("resumed from %s (step %d%s) in %.2fs", path, state.step, ", weights only" if weights_only else "", time.perf_counter() - started)
         self._warn_if_later_steps(state.step)
         return state
@@ -256,6 +267,14 @@ class CheckpointLoader:
             load_rng(file)
         else:
             logger.warning("%s has no RNG state for rank %d (saved with another world size); RNG streams not restored", path, rank)
+
+    @staticmethod
+    def _rollout_state(path: Path, info: TrainingInfo) -> Any:
+        rank = distributed.rank()
+        if all(name in info.manifest for name in rollout_files(rank)):
+            return load_rollout(path, rank)
+        logger.warning("%s has no rollout state for rank %d (saved by %d rank(s)); resuming without it", path, rank, info.world_size)
+        return None
 
     def _load_data_position(self, path: Path, info: TrainingInfo, dataloader: Any) -> None:
         rank = distributed.rank()

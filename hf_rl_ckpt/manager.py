@@ -39,9 +39,9 @@ from .records import CheckpointRecord, Contents
 from .registry import Registry
 from .retention import RetentionPolicy, metric_value
 from .state.deepspeed import whole_weights
-from .state.model import save_consolidated
+from .state.model import save_consolidated, weights_dtype
 from .state.peft import save_adapter
-from .plan import classify_model
+from .plan import classify_model, export_dtype
 from .preemption import PreemptionWatch
 from .weight_sync import publish
 from .write import CheckpointWriter, SaveInputs
@@ -76,7 +76,7 @@ class CheckpointManagerProtocol(Protocol):
 
     def load_rng_state(self, path: str | os.PathLike) -> None: ...
 
-    def sync_weights(self, step: int, *, model: torch.nn.Module, tokenizer: Any | None = None) -> Path | None: ...
+    def sync_weights(self, step: int, *, model: torch.nn.Module, tokenizer: Any | None = None, policy_version: int | None = None) -> Path | None: ...
 
     def should_save(self, step: int) -> bool: ...
 
@@ -342,6 +342,8 @@ class CheckpointManager(BaseCheckpointManager):
         epoch: float | None = None,
         extra_state: Mapping[str, Any] | None = None,
         extra_files: Mapping[str, bytes] | None = None,
+        rollout_state: Any = None,
+        policy_version: int | None = None,
     ) -> Path | None:
         """Write one checkpoint for `step` and commit it atomically; apply top-k retention.
 
@@ -358,6 +360,13 @@ class CheckpointManager(BaseCheckpointManager):
                 `resume` as `.extra`; recorded like `metrics`.
             extra_files: small files to store at the checkpoint root, by name (e.g. the Trainer's
                 `trainer_state.json`); listed in the manifest like every other file.
+            rollout_state: this rank's RL loop state that is neither weights nor optimizer (buffered
+                generations, a replay buffer, a rollout cursor): dicts, lists and tuples of tensors,
+                numbers and strings. Tensors are copied to host memory now and stored as
+                safetensors, the rest as JSON; `resume` returns it to the same rank as
+                `.rollout_state`. Each rank passes its own (or None).
+            policy_version: the version (step) of the policy that produced the rollouts in flight,
+                recorded in `training_info.json` and returned by `resume` as `.policy_version`.
 
         Returns:
             The committed checkpoint directory (None when checkpointing is disabled). With
@@ -375,10 +384,12 @@ class CheckpointManager(BaseCheckpointManager):
         if not self.config.enabled:
             return None
         # Rank 0's records are the ones committed: checked there, and a refusal raised on every rank.
-        record = distributed.on_rank0(lambda: CommitRequest.checked(step, metrics, epoch, extra_state, self.config.metric_name))
+        record = distributed.on_rank0(
+            lambda: CommitRequest.checked(step, metrics, epoch, extra_state, self.config.metric_name, policy_version=policy_version),
+        )
         inputs = SaveInputs(
             record=record, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader, tokenizer=tokenizer,
-            extra_files=dict(extra_files or {}),
+            extra_files=dict(extra_files or {}), rollout_state=rollout_state,
         )
         self._writer.drain()
         started = time.perf_counter()
@@ -400,17 +411,23 @@ class CheckpointManager(BaseCheckpointManager):
         self._preemption_saved |= self._preempted
         return path
 
-    def sync_weights(self, step: int, *, model: torch.nn.Module, tokenizer: Any | None = None) -> Path | None:
+    def sync_weights(
+        self, step: int, *, model: torch.nn.Module, tokenizer: Any | None = None, policy_version: int | None = None,
+    ) -> Path | None:
         """Publish the weights to `sync_weight_path` for an inference engine, every `sync_weight_period` steps.
 
-        Only the deployable folder is written (consolidated weights, or the adapter of a
-        PeftModel), to a fresh version folder that is swapped in atomically: see
-        `hf_rl_ckpt.weight_sync` for what readers can rely on. Returns the published folder
-        on rank 0 on a sync step, else None.
+        Only the deployable folder is written (consolidated weights in `consolidated_dtype`, or
+        the adapter of a PeftModel), to a fresh version folder that is swapped in atomically,
+        with a `weight_sync.json` naming the step, `policy_version` (default: the step), the
+        dtype and every file; the newest `sync_weight_keep` versions stay on disk. See
+        `hf_rl_ckpt.weight_sync` for what readers can rely on, and `reload_vllm` for a live
+        vLLM engine. Every rank calls it; returns the published folder on rank 0 on a sync
+        step, else None.
         """
         if not self.config.enabled or not self._sync_weight_path or step % self.config.sync_weight_period:
             return None
         kind = classify_model(model)
+        dtype = export_dtype(self.config.consolidated_dtype, kind)
         # DeepSpeed ZeRO-3: every rank gathers, rank 0 writes.
         with whole_weights(kind.module, peft=kind.peft) if kind.partitioned else contextlib.nullcontext() as state:
 
@@ -419,11 +436,15 @@ class CheckpointManager(BaseCheckpointManager):
                     return save_adapter(kind.module, out, tokenizer=tokenizer)
                 return save_consolidated(
                     kind.module, out, max_shard_size=self._writer.max_shard_size, tokenizer=tokenizer,
-                    weights_format=self.config.model_save_format, state=state,
+                    weights_format=self.config.model_save_format, state=state, dtype=dtype,
                 )
 
             def publish_weights() -> Path:
-                published = publish(self._sync_weight_path, self.layout.step_name(step), write)
+                written = dtype or weights_dtype(kind.module)
+                published = publish(
+                    self._sync_weight_path, self.layout.step_name(step), write, step=step, policy_version=policy_version,
+                    dtype=str(written).removeprefix("torch.") if written is not None else None, keep=self.config.sync_weight_keep,
+                )
                 logger.info("published weights of step %d to %s -> %s", step, self._sync_weight_path, published)
                 return published
 

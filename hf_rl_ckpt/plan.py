@@ -46,6 +46,16 @@ def classify_model(model: torch.nn.Module) -> ModelKind:
     return ModelKind(module=inner, peft=is_peft_model(inner), sharded=is_sharded(inner), partitioned=is_partitioned(inner))
 
 
+def export_dtype(consolidated_dtype: str | None, kind: ModelKind) -> torch.dtype | None:
+    """The dtype a full model's deployable weights are written in (`consolidated_dtype`); None: as trained.
+
+    A PEFT adapter is written as trained: it is small, and serving engines cast adapters themselves.
+    """
+    if consolidated_dtype is None or kind.peft:
+        return None
+    return getattr(torch, consolidated_dtype)
+
+
 @dataclass(frozen=True)
 class SavePlan:
     """What one rank writes for one checkpoint, decided before anything is written.
@@ -71,7 +81,7 @@ class SavePlan:
 
 def plan_save(
     step: int, staging: Path, ranks: distributed.Ranks, *, model: torch.nn.Module, optimizer: Any | None, scheduler: Any | None, dataloader: Any | None,
-    save_optimizer: bool, save_consolidated: bool,
+    save_optimizer: bool, save_consolidated: bool, rollout: bool,
 ) -> SavePlan:
     """The plan of one save among `ranks` (every rank makes the same decisions from the same objects).
 
@@ -96,6 +106,7 @@ def plan_save(
         optimizer=optimizer_format,
         scheduler=scheduler is not None,
         dataloader=dataloader is not None,
+        rollout=rollout,
     )
     return SavePlan(
         step=step, staging=staging, rank=ranks.rank, world_size=ranks.world_size, model=kind,

@@ -52,6 +52,7 @@ class Contents:
     scheduler: bool
     dataloader: bool  # per-rank data positions under dataloader/
     rng: bool = True
+    rollout: bool = False  # per-rank RL rollout state under rollout/ (`save(..., rollout_state=...)`)
 
     @property
     def deployable_dir(self) -> str | None:
@@ -68,6 +69,7 @@ class Contents:
             "scheduler": self.scheduler,
             "dataloader": self.dataloader,
             "rng": self.rng,
+            "rollout": self.rollout,
         }
 
     @classmethod
@@ -79,6 +81,7 @@ class Contents:
             scheduler=bool(data.get("scheduler")),
             dataloader=bool(data.get("dataloader")),
             rng=bool(data.get("rng", True)),
+            rollout=bool(data.get("rollout")),
         )
 
     @classmethod
@@ -151,6 +154,7 @@ class TrainingInfo:
     contents: Contents | None  # None: written before contents were recorded (see `Contents.of`)
     manifest: dict[str, dict[str, Any]]
     format_version: int = FORMAT_VERSION
+    policy_version: int | None = None  # RL: the version (step) of the policy that produced the rollouts in flight
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -166,6 +170,7 @@ class TrainingInfo:
             "versions": self.versions,
             "model": self.model.to_json() if self.model else None,
             "extra": self.extra,
+            "policy_version": self.policy_version,
             "contents": self.contents.to_json() if self.contents else None,
             "manifest": self.manifest,
         }
@@ -187,6 +192,7 @@ class TrainingInfo:
             contents=Contents.from_json(data["contents"]) if isinstance(data.get("contents"), Mapping) else None,
             manifest=dict(data.get("manifest") or {}),
             format_version=int(data.get("format_version") or FORMAT_VERSION),
+            policy_version=data.get("policy_version"),
         )
 
 

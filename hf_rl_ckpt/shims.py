@@ -13,6 +13,7 @@ Checked against (the floors are `ci/oldest.txt`, run by `.ci/run` next to the ne
 | transformers | 5.18.0         | 5.25.0         |
 | accelerate   | 1.13.0         | 1.16.0         |
 | deepspeed    | 0.19.8         | 0.19.8         |
+| trl          | 0.29.0         | 1.16.0         |
 
 DeepSpeed's ZeRO optimizers are driven through their own `state_dict`/`load_state_dict`; what
 `state/deepspeed.py` reads besides (`loss_scaler`, `partition_gradients`,
@@ -91,6 +92,57 @@ def dispatch_trainer_deepspeed_loader(ours: Callable[[Any], bool]) -> None:
 
     load._hf_rl_ckpt_dispatch = True  # type: ignore[attr-defined]
     setattr(trainer_module, TRAINER_DEEPSPEED_LOADER, load)
+
+
+# ------------------------------------------------------------------ trl (GRPOTrainer, RLOOTrainer)
+#: The generation buffer of TRL's online trainers (see `integrations/generation_buffer.py`): the micro-step
+#: counter, the buffered scored completions, the metrics not yet logged, and `num_iterations`.
+TRL_GENERATION_ATTRS = ("_step", "_buffered_inputs", "_metrics", "num_iterations")
+
+
+@dataclass(frozen=True)
+class TrlGenerationState:
+    """Typed access to one TRL trainer's generation buffer (the only place its private names are read or set)."""
+
+    trainer: Any
+
+    def micro_step(self) -> int:
+        return self.trainer._step
+
+    def buffered_inputs(self) -> list[dict[str, Any]] | None:
+        return self.trainer._buffered_inputs
+
+    def train_metrics(self) -> Mapping[str, list[float]]:
+        return self.trainer._metrics["train"]
+
+    def generate_every(self) -> int:
+        """Micro-steps between generations: each generation serves `steps_per_generation` slices, `num_iterations` times."""
+        return self.trainer.args.steps_per_generation * self.trainer.num_iterations
+
+    def micro_steps_per_step(self) -> int:
+        return self.trainer.args.gradient_accumulation_steps
+
+    def set(self, *, micro_step: int, buffered_inputs: list[dict[str, Any]] | None, train_metrics: Mapping[str, list[float]]) -> None:
+        self.trainer._step = micro_step
+        self.trainer._buffered_inputs = buffered_inputs
+        pending = self.trainer._metrics["train"]
+        pending.clear()
+        pending.update(train_metrics)
+
+
+def trl_generation_state(trainer: Any) -> TrlGenerationState | None:
+    """The generation buffer of a TRL online trainer (its args have `steps_per_generation`), None for other trainers.
+
+    Raises at attach time when this TRL release keeps it under other names.
+    """
+    if not hasattr(getattr(trainer, "args", None), "steps_per_generation"):
+        return None
+    missing = [name for name in TRL_GENERATION_ATTRS if not hasattr(trainer, name)]
+    if not missing and not (isinstance(trainer._step, int) and isinstance(trainer._metrics, Mapping) and "train" in trainer._metrics):
+        missing = ["_step (an int)", "_metrics['train']"]
+    if missing:
+        raise _missing("trl", missing, f"{type(trainer).__name__} (its generation buffer, saved for exact resume)")
+    return TrlGenerationState(trainer)
 
 
 # ------------------------------------------------------------------ accelerate.Accelerator

@@ -48,6 +48,7 @@ from .state.model import deduplicated_state_dict, save_consolidated, save_hf_met
 from .state.optim import write_optimizer_dcp, write_optimizer_tensors
 from .state.peft import save_adapter
 from .state.rng import RngSnapshot, capture_rng
+from .state.rollout import capture_rollout, write_rollout
 from .state.safetensors_io import write_safetensors
 from .state.scheduler import capture_scheduler
 from .state.sharded import save_sharded
@@ -68,6 +69,7 @@ class SaveInputs:
     dataloader: Any = None
     tokenizer: Any = None
     extra_files: dict[str, bytes] = field(default_factory=dict)
+    rollout_state: Any = None  # this rank's RL rollout state (see `state.rollout`), None for none
     rng: RngSnapshot | None = None  # RNG streams to record instead of this process's (a converted checkpoint's own)
 
 
@@ -133,6 +135,7 @@ class CheckpointWriter:
             plan = plan_save(
                 step, staging, self.ranks, model=inputs.model, optimizer=inputs.optimizer, scheduler=inputs.scheduler, dataloader=inputs.dataloader,
                 save_optimizer=self.config.save_optimizer, save_consolidated=self.config.save_consolidated,
+                rollout=inputs.rollout_state is not None,
             )
             parts = self._parts(plan, inputs)
         except Exception as err:  # e.g. a dataloader without state_dict(): reported to every rank below
@@ -281,7 +284,7 @@ class CheckpointWriter:
         return [
             self._model_part(plan, inputs.tokenizer, inputs.extra_files),
             self._optimizer_part(plan, inputs.optimizer),
-            self._rank_state_part(plan, inputs.scheduler, inputs.dataloader, inputs.rng),
+            self._rank_state_part(plan, inputs.scheduler, inputs.dataloader, inputs.rng, inputs.rollout_state),
             SavePart("model card", lambda: self._card_part(plan, inputs.record.metrics), after_others=True),  # reads config.yaml, config.json
         ]
 
@@ -352,10 +355,10 @@ class CheckpointWriter:
             )
         return SavePart("optimizer", lambda: _prefixed(OPTIM_DIR, write_optimizer_dcp(snapshot, out)), background=False)  # collective
 
-    def _rank_state_part(self, plan: SavePlan, scheduler: Any, dataloader: Any, rng: RngSnapshot | None) -> SavePart:
-        """Small per-rank files (data position, RNG) and rank 0's scheduler and config; no collectives.
+    def _rank_state_part(self, plan: SavePlan, scheduler: Any, dataloader: Any, rng: RngSnapshot | None, rollout_state: Any) -> SavePart:
+        """Small per-rank files (data position, RNG, rollout state) and rank 0's scheduler and config; no collectives.
 
-        Captured now as bytes (and the RNG streams as fresh tensors), written by the part.
+        Captured now as bytes (and the RNG streams and rollout tensors as fresh host copies), written by the part.
         """
         staging, rank = plan.staging, plan.rank
         files: dict[str, bytes] = {}
@@ -367,6 +370,7 @@ class CheckpointWriter:
             document = {"checkpoint": self.config.to_dict(redact=True), "training": redact_secrets(self.training_config)}
             files[CONFIG_YAML] = yaml.safe_dump(document, sort_keys=False).encode()
         rng_tensors, rng_metadata = rng or capture_rng()
+        rollout = capture_rollout(rollout_state, rank) if rollout_state is not None else None
 
         def write() -> Digests:
             digests: Digests = {}
@@ -376,6 +380,8 @@ class CheckpointWriter:
                 digests[name] = write_bytes(target, data)  # no per-file fsync: the commit fsyncs the staging tree
             (staging / "rng").mkdir(exist_ok=True)
             digests[rng_file(rank)] = write_safetensors(staging / rng_file(rank), rng_tensors, rng_metadata)
+            if rollout is not None:
+                digests.update(write_rollout(rollout, staging, rank))
             return digests
 
         return SavePart("rank state", write)

@@ -13,7 +13,8 @@ Kinds (all tiny, CPU, dropout on, shuffled data):
 - `causal`: `Trainer`, gradient accumulation 2, evaluation every 3 steps, top-2 by eval_loss.
 - `peft`: the same with a LoRA adapter (base loaded from a local folder, as in real use).
 - `sft`: TRL `SFTTrainer` on text rows, gradient accumulation 2.
-- `grpo`: TRL `GRPOTrainer` with a toy length reward, top-2 by `reward`.
+- `grpo`: TRL `GRPOTrainer` with a toy length reward, top-2 by `reward` (`grpo_args`: more `GRPOConfig`
+  settings, e.g. `steps_per_generation` and `num_iterations`).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def build_trainer(spec: dict[str, Any]) -> Trainer:
 
         args = GRPOConfig(
             out, max_steps=spec.get("max_steps", 4), num_generations=2, max_completion_length=6,
-            **COMMON_ARGS,
+            **{**COMMON_ARGS, **spec.get("grpo_args", {})},
         )
         return GRPOTrainer(
             model=tiny.build_model("llama", seed=4), args=args, processing_class=tok, callbacks=callbacks,

@@ -166,9 +166,9 @@ def test_sync_weight_path_never_replaces_a_real_folder_nor_a_published_version(t
 
     (tmp_path / "real").mkdir()
     with pytest.raises(CheckpointError, match="not the symlink"):
-        publish(tmp_path / "real", "step_1", write)
-    first = publish(tmp_path / "link", "step_1", write)
-    again = publish(tmp_path / "link", "step_1", write)  # the same step after a resume: readers may still hold the first
+        publish(tmp_path / "real", "step_1", write, step=1)
+    first = publish(tmp_path / "link", "step_1", write, step=1)
+    again = publish(tmp_path / "link", "step_1", write, step=1)  # the same step after a resume: readers may still hold the first
     assert (first.name, again.name) == ("step_1", "step_1-1") and first.is_dir()
     assert Path(os.path.realpath(tmp_path / "link")) == again
 

@@ -64,6 +64,7 @@ from ..layout import TRAINING_INFO
 from ..manager import CheckpointManager, create_manager
 from ..shims import dispatch_trainer_deepspeed_loader, trainer_loaders
 from ..state.model import unwrap_model
+from .generation_buffer import GenerationBuffer
 
 logger = logging.getLogger("hf_rl_ckpt")
 
@@ -125,6 +126,7 @@ class CheckpointCallback(TrainerCallback):
         self.config = config
         self._manager: CheckpointManager | None = None
         self._trainer: Trainer | None = None
+        self._generation: GenerationBuffer | None = None  # a TRL online trainer's buffered generations
         self._save_owed = False
         self._saved_step: int | None = None  # last step committed or resumed from, in this process
         self._metrics: dict[str, float] = {}
@@ -200,6 +202,9 @@ class CheckpointCallback(TrainerCallback):
     def _resume(self, requested: Any) -> Any:
         """What to hand `Trainer.train` as `resume_from_checkpoint`, after loading the weights of our checkpoint."""
         trainer = self._trainer
+        # TRL trainers set up their generation buffer after Trainer.__init__ (where we attach): looked up now, before
+        # anything is loaded, so unknown TRL internals fail here.
+        self._generation = GenerationBuffer.of(trainer)
         if requested is None:
             state = self.manager.resume(model=trainer.model)
         elif requested is True:  # `resume.mode: auto`, also when the config says otherwise: the caller asked to resume
@@ -224,6 +229,8 @@ class CheckpointCallback(TrainerCallback):
                 "continue its step count and data position from it. Set resume.load_weight_only: true to start a new "
                 "Trainer run from its weights."
             )
+        if self._generation is not None and state.rollout_state is not None:
+            self._generation.restore(state.rollout_state)  # continue inside the same generation buffer
         self._saved_step = state.step
         return str(state.path)
 
@@ -312,6 +319,8 @@ class CheckpointCallback(TrainerCallback):
             tokenizer=trainer.processing_class,
             epoch=state.epoch,
             extra_files={TRAINER_STATE_FILE: trainer_state_json(trainer)},
+            rollout_state=self._generation.capture() if self._generation is not None else None,
+            policy_version=self._generation.policy_version() if self._generation is not None else None,
         )
         self._saved_step = step
         self._save_owed = False

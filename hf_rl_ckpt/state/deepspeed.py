@@ -37,8 +37,9 @@ from safetensors import safe_open
 
 from .. import distributed
 from ..atomic import write_bytes
-from ..errors import CheckpointSaveError, CorruptCheckpointError, StateMismatchError
+from ..errors import CorruptCheckpointError, StateMismatchError
 from .pickled import load_pickled
+from . import tensortree
 from .safetensors_io import write_safetensors
 
 FileDigests = dict[str, tuple[int, str]]
@@ -247,38 +248,12 @@ def load_partitioned(module: torch.nn.Module, read: Mapping[str, torch.Tensor], 
 
 
 # ---------------------------------------------------------------- optimizer partitions
-def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON for `value`, its tensors moved into `tensors` under their path; refused (naming the path) if neither can hold it."""
-    if isinstance(value, torch.Tensor):
-        tensors[path] = value.detach()
-        return {"tensor": path}
+def _plain(value: Any) -> Any:
+    """The ZeRO state's enums and dataclasses (e.g. `ZeroStageEnum`, fragment addresses) as the values they hold."""
     if isinstance(value, enum.Enum):
-        return _encode(value.value, path, tensors)
-    if isinstance(value, dict):
-        return {"dict": [[key, _encode(item, f"{path}.{key}", tensors)] for key, item in value.items()]}
+        return value.value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _encode(dataclasses.asdict(value), path, tensors)
-    if isinstance(value, tuple):
-        return {"tuple": [_encode(item, f"{path}.{i}", tensors) for i, item in enumerate(value)]}
-    if isinstance(value, list):
-        return [_encode(item, f"{path}.{i}", tensors) for i, item in enumerate(value)]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise CheckpointSaveError(
-        f"the DeepSpeed ZeRO optimizer state holds {type(value).__name__} at {path}, which hf_rl_ckpt stores only as tensors "
-        "or JSON (never pickle); please report it with your DeepSpeed version"
-    )
-
-
-def _decode(value: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
-    if isinstance(value, list):
-        return [_decode(item, tensors) for item in value]
-    if isinstance(value, dict):
-        if "tensor" in value:
-            return tensors[value["tensor"]]
-        if "tuple" in value:
-            return tuple(_decode(item, tensors) for item in value["tuple"])
-        return {key: _decode(item, tensors) for key, item in value["dict"]}
+        return dataclasses.asdict(value)
     return value
 
 
@@ -307,8 +282,9 @@ def write_zero_optimizer(optimizer: Any, out_dir: Path, rank: int, world_size: i
 def _write_partition(state: Mapping[str, Any], stage: int, out_dir: Path, rank: int, world_size: int) -> FileDigests:
     state = dict(state)
     scaler = state.pop(LOSS_SCALER, None)
-    tensors: dict[str, torch.Tensor] = {}
-    structure = _encode(state, "state", tensors)
+    structure, tensors = tensortree.split(
+        state, "state", adapt=_plain, unsupported_hint="please report it with your DeepSpeed version",
+    )
     document = {
         "format": "hf_rl_ckpt.deepspeed_zero", "version": 1, "world_size": world_size, "rank": rank, "zero_stage": stage,
         "loss_scaler": _loss_scaler_numbers(scaler) if scaler is not None else None, "state": structure,
@@ -360,7 +336,7 @@ def load_zero_optimizer(optimizer: Any, in_dir: Path, rank: int, world_size: int
     tensor_file, _ = zero_files(rank)
     with safe_open(os.fspath(in_dir / tensor_file), framework="pt") as reader:
         tensors = {name: reader.get_tensor(name) for name in reader.keys()}
-    state = _decode(document["state"], tensors)
+    state = tensortree.join(document["state"], tensors)
     if document["loss_scaler"] is not None:
         for name, value in document["loss_scaler"].items():
             setattr(optimizer.loss_scaler, name, value)

@@ -87,19 +87,20 @@ def weights_dtype(model: torch.nn.Module) -> torch.dtype | None:
     return next((param.dtype for param in model.parameters() if param.is_floating_point()), None)
 
 
-def save_hf_metadata(model: torch.nn.Module, out_dir: Path, tokenizer: Any | None) -> None:
+def save_hf_metadata(model: torch.nn.Module, out_dir: Path, tokenizer: Any | None, *, dtype: torch.dtype | None = None) -> None:
     """config.json, generation_config.json and tokenizer files, as `save_pretrained` writes them.
 
     Like `save_pretrained`, config.json names the model's class as its architecture (FSDP2
     renames the class `FSDP<name>`) and the dtype the weights are written in, whatever the
     config said when the model was built: `from_pretrained` loads a model cast with
-    `.to(torch.bfloat16)` in bf16 by that. The model's own config is left as it is.
+    `.to(torch.bfloat16)` in bf16 by that (`dtype`, when the weights are written cast to
+    another one, see `cast_to`). The model's own config is left as it is.
     """
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
         config = copy.deepcopy(config)
         config.architectures = [type(model).__name__.removeprefix("FSDP")]
-        dtype = weights_dtype(model)
+        dtype = dtype or weights_dtype(model)
         if dtype is not None:
             config.dtype = str(dtype).removeprefix("torch.")
         config.save_pretrained(out_dir)
@@ -111,23 +112,35 @@ def save_hf_metadata(model: torch.nn.Module, out_dir: Path, tokenizer: Any | Non
         tokenizer.save_pretrained(out_dir)
 
 
+def cast_to(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` in `dtype` when it is floating point (bf16 weights from fp32 masters); integer buffers and `None` leave it as is."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
+
+
 def save_weights(
-    state: Mapping[str, torch.Tensor], out_dir: Path, max_shard_size: int, weights_format: WeightsFormat = "safetensors"
+    state: Mapping[str, torch.Tensor], out_dir: Path, max_shard_size: int, weights_format: WeightsFormat = "safetensors",
+    dtype: torch.dtype | None = None,
 ) -> FileDigests:
     """Write `state` as one weights file or HF-named shards + index; return digests by file name.
 
     `weights_format="torch_save"` writes the legacy `pytorch_model.bin` (a `torch.save` of the
     tensors alone, so `torch.load(weights_only=True)` reads it) for tools that need it.
+    `dtype`: floating-point tensors are written cast to it, one file at a time (`cast_to`).
     """
     single, index_name = _WEIGHT_FILES[weights_format]
-    split = split_torch_state_dict_into_shards(
-        dict(state), max_shard_size=max_shard_size, filename_pattern=single.replace(".", "{suffix}.", 1)
-    )
+    # Split by the sizes as written; with a cast, from shapes alone (meta tensors: no copy is made to measure).
+    sized = dict(state) if dtype is None else {
+        name: torch.empty(tensor.shape, dtype=dtype if tensor.is_floating_point() else tensor.dtype, device="meta")
+        for name, tensor in state.items()
+    }
+    split = split_torch_state_dict_into_shards(sized, max_shard_size=max_shard_size, filename_pattern=single.replace(".", "{suffix}.", 1))
     digests: FileDigests = {}
     # Above max_shard_size a model takes minutes to write: show progress by file (one file needs no bar).
     files = tqdm(split.filename_to_tensors.items(), desc=f"Writing weights to {out_dir}", unit="file", disable=not split.is_sharded, name="hf_rl_ckpt")
     for filename, names in files:
-        part = {n: state[n] for n in names}
+        part = {n: cast_to(state[n], dtype) for n in names}
         if weights_format == "torch_save":
             digests[filename] = write_torch_bin(out_dir / filename, part)
         else:
@@ -146,16 +159,18 @@ def save_consolidated(
     tokenizer: Any | None = None,
     weights_format: WeightsFormat = "safetensors",
     state: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> FileDigests:
     """Write the HF-format folder of `model` (weights, config, generation config, tokenizer).
 
     `state`: the weights to write when the model's own are partitioned (DeepSpeed ZeRO-3, gathered by the caller).
+    `dtype`: write the floating-point weights in this dtype (`consolidated_dtype`), recorded in config.json.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inner = unwrap_model(model)
-    digests = save_weights(deduplicated_state_dict(inner, state), out_dir, max_shard_size, weights_format)
-    save_hf_metadata(inner, out_dir, tokenizer)
+    digests = save_weights(deduplicated_state_dict(inner, state), out_dir, max_shard_size, weights_format, dtype)
+    save_hf_metadata(inner, out_dir, tokenizer, dtype=dtype)
     return digests
 
 
