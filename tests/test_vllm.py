@@ -22,6 +22,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; the def
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: loads in seconds, not tens
 
 import json  # noqa: E402
+import time  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
@@ -152,3 +153,37 @@ def test_vllm_serves_a_published_step_branch(tmp_path) -> None:
             assert vllm_greedy(llm) == reference
         finally:
             del llm
+
+
+def test_live_vllm_engine_reloads_each_published_weight_version(tmp_path) -> None:
+    """The synchronous RL loop: train a step, `sync_weights`, `reload_vllm` on the live engine, generate again.
+
+    After each reload the engine's greedy tokens are transformers' with the trainer's weights of that step, and
+    the version it reports is that step. The engine is never restarted; it starts from version 0.
+    """
+    from hf_rl_ckpt.weight_sync import reload_vllm
+
+    model = build_model("llama", seed=0, initializer_range=0.5)
+    tokenizer = build_tokenizer()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    link = tmp_path / "serve" / "policy"
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), sync_weight_path=str(link)))
+    llm = engine(str(manager.sync_weights(0, model=model, tokenizer=tokenizer)))
+    served_tokenizer = AutoTokenizer.from_pretrained(link)
+    try:
+        outputs = [vllm_greedy(llm)]
+        assert outputs[0] == transformers_greedy(model, served_tokenizer)
+        for step in (1, 2, 3):
+            model.train()
+            train_step(model, optimizer)
+            manager.sync_weights(step, model=model, tokenizer=tokenizer)
+            started = time.perf_counter()
+            version = reload_vllm(llm, link)
+            print(f"step {step}: engine reloaded {version.folder.name} in {1000 * (time.perf_counter() - started):.0f} ms")  # for the record (-s)
+            assert (version.step, version.policy_version, version.dtype) == (step, step, "float32")
+            outputs.append(vllm_greedy(llm))
+            assert outputs[-1] == transformers_greedy(model, served_tokenizer), f"step {step}"
+        assert len({str(out) for out in outputs}) > 1, "training must change the greedy tokens, or reloading proves nothing"
+    finally:
+        del llm
+        manager.finalize()
