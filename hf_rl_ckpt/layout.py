@@ -26,6 +26,7 @@ MODEL_CARD = "README.md"
 CONSOLIDATED_DIR = "model/consolidated"
 ADAPTER_DIR = "model/adapter"
 SHARDED_DIR = "model/sharded"
+MASTER_DIR = "model/master"  # the weights as trained, when model/consolidated holds them cast (consolidated_dtype)
 OPTIM_DIR = "optim"
 SCHEDULER_JSON = "scheduler.json"
 INCOMPLETE_DIR = ".incomplete"

@@ -26,7 +26,7 @@ from .async_save import AsyncCheckpointWriter
 from .config import CheckpointConfig
 from .convert import convert_checkpoint, detect_format
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
-from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, TRAINING_INFO, CheckpointLayout, dataloader_file, rng_file, rollout_files
+from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, MASTER_DIR, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, TRAINING_INFO, CheckpointLayout, dataloader_file, rng_file, rollout_files
 from .plan import ModelKind, classify_model
 from .remote import RemoteStore, RemoteTier, fetch, is_remote_url, same_commit
 from .records import Contents, OptimizerFormat, TrainingInfo, WeightsFormat
@@ -76,12 +76,17 @@ def weights_dir(path: Path, contents: Contents, kind: ModelKind) -> str:
     """The folder of checkpoint `path` that a model of `kind` loads from; refused when it holds another kind of model.
 
     A sharded model reads per-rank slices (DCP reads the slices this rank needs, whatever
-    world size wrote them); so does a plain model when the checkpoint has no consolidated folder.
+    world size wrote them); so does a plain model when the checkpoint has no consolidated folder,
+    or one cast to `consolidated_dtype`. A plain model's weights as trained are in `model/master`
+    when its consolidated folder is cast.
     """
+    cast = contents.consolidated_dtype is not None
     if kind.peft:
         wanted = ADAPTER_DIR if contents.weights is WeightsFormat.ADAPTER else None
-    elif contents.weights is WeightsFormat.SHARDED and (kind.sharded or not contents.consolidated):
+    elif contents.weights is WeightsFormat.SHARDED and (kind.sharded or not contents.consolidated or cast):
         wanted = SHARDED_DIR
+    elif cast:
+        wanted = MASTER_DIR
     else:
         wanted = CONSOLIDATED_DIR if contents.consolidated else None
     if wanted is not None:
@@ -199,8 +204,8 @@ class CheckpointLoader:
                 rollout_state = self._rollout_state(path, info)
             if optimizer is not None and not weights_only:  # before the weights load: a misfit leaves the model as it was
                 self._check_optimizer_fits(path, kind, contents, optimizer)
-            if kind.partitioned and folder == CONSOLIDATED_DIR:
-                load_partitioned(kind.module, self._rank0_weights(path / CONSOLIDATED_DIR), path / CONSOLIDATED_DIR)
+            if kind.partitioned and folder in (CONSOLIDATED_DIR, MASTER_DIR):
+                load_partitioned(kind.module, self._rank0_weights(path / folder), path / folder)
             elif folder == ADAPTER_DIR and kind.partitioned:  # ZeRO-3: rank 0 loads the gathered adapter, every rank keeps its slice
                 with gathered(trainable_parameters(kind.module), from_rank0=True):
                     if distributed.rank() == 0:
@@ -210,7 +215,7 @@ class CheckpointLoader:
             elif folder == SHARDED_DIR or kind.sharded:
                 load_sharded(kind.module, path / folder)
             else:
-                load_consolidated(model, path / CONSOLIDATED_DIR, trust_pickle=self.config.resume.trust_pickle, preloaded=preloaded)
+                load_consolidated(model, path / folder, trust_pickle=self.config.resume.trust_pickle, preloaded=preloaded)
             if not weights_only:
                 self._load_optimizer(path, kind, contents, optimizer, scheduler, preloaded)
                 self._load_data_position(path, info, dataloader)
@@ -311,7 +316,10 @@ class CheckpointLoader:
         """
 
         def verify() -> tuple[TrainingInfo, Contents]:
-            deferred = self._read_once_files(read_training_info(path)["manifest"], kind, load_optimizer) if self._reads_once() else []
+            deferred = []
+            if self._reads_once():
+                unverified = read_training_info(path)
+                deferred = self._read_once_files(unverified["manifest"], weights_dir(path, Contents.of(path, unverified), kind), load_optimizer)
             raw = verify_checkpoint(path, checksums=self.config.verify_on_resume, deferred=deferred)
             for name, data in read_verified(path, raw["manifest"], deferred).items():
                 tensors = tensors_from_buffer(name, data)
@@ -325,11 +333,11 @@ class CheckpointLoader:
         return not distributed.is_distributed() and self.config.verify_on_resume
 
     @staticmethod
-    def _read_once_files(manifest: Mapping[str, Any], kind: ModelKind, load_optimizer: bool) -> list[str]:
+    def _read_once_files(manifest: Mapping[str, Any], weights_folder: str, load_optimizer: bool) -> list[str]:
         """Manifest names `_verified_info` reads once for the loaders, or [] where hashing them up front is kept."""
         folders = [OPTIM_DIR] if load_optimizer else []
-        if kind.weights is WeightsFormat.CONSOLIDATED:
-            folders.append(CONSOLIDATED_DIR)
+        if weights_folder in (CONSOLIDATED_DIR, MASTER_DIR):  # read by `load_consolidated` from `preloaded`
+            folders.append(weights_folder)
         names = [name for name in manifest if name.endswith(".safetensors") and any(name.startswith(f + "/") for f in folders)]
         sizes = [manifest[name].get("size") for name in names]
         if not all(isinstance(size, int) for size in sizes) or sum(sizes) > available_memory() // 2:

@@ -18,7 +18,7 @@ import torch
 from . import distributed
 from .records import Contents, OptimizerFormat, WeightsFormat
 from .state.deepspeed import is_partitioned, zero_optimizer
-from .state.model import unwrap_model
+from .state.model import unwrap_model, weights_dtype
 from .state.optim import OptimizerSnapshot, capture_optimizer
 from .state.peft import is_peft_model
 from .state.sharded import is_sharded
@@ -73,6 +73,12 @@ class SavePlan:
     optimizer: OptimizerSnapshot | None  # the optimizer state, tensors referenced (not copied)
     contents: Contents
     zero: Any = None  # the DeepSpeed ZeRO optimizer, whose partitions every rank writes (instead of `optimizer`)
+    consolidated_cast: torch.dtype | None = None  # the dtype model/consolidated is written in when not the training one
+
+    @property
+    def writes_master_weights(self) -> bool:
+        """model/consolidated is cast and the model resumes from its folder: the weights as trained go to model/master too."""
+        return self.consolidated_cast is not None and self.contents.weights is WeightsFormat.CONSOLIDATED
 
     @property
     def writes_shared_files(self) -> bool:
@@ -81,7 +87,7 @@ class SavePlan:
 
 def plan_save(
     step: int, staging: Path, ranks: distributed.Ranks, *, model: torch.nn.Module, optimizer: Any | None, scheduler: Any | None, dataloader: Any | None,
-    save_optimizer: bool, save_consolidated: bool, rollout: bool,
+    save_optimizer: bool, save_consolidated: bool, rollout: bool, consolidated_dtype: str | None,
 ) -> SavePlan:
     """The plan of one save among `ranks` (every rank makes the same decisions from the same objects).
 
@@ -100,6 +106,9 @@ def plan_save(
     else:
         optimizer_format = OptimizerFormat.DCP
     weights = kind.weights
+    cast = export_dtype(consolidated_dtype, kind)
+    if cast == weights_dtype(kind.module):
+        cast = None  # already trained in it: the consolidated folder is the training state
     contents = Contents(
         weights=weights,
         consolidated=weights is WeightsFormat.CONSOLIDATED or (weights is WeightsFormat.SHARDED and save_consolidated),
@@ -107,8 +116,9 @@ def plan_save(
         scheduler=scheduler is not None,
         dataloader=dataloader is not None,
         rollout=rollout,
+        consolidated_dtype=str(cast).removeprefix("torch.") if cast is not None else None,
     )
     return SavePlan(
         step=step, staging=staging, rank=ranks.rank, world_size=ranks.world_size, model=kind,
-        optimizer=snapshot, contents=contents, zero=zero,
+        optimizer=snapshot, contents=contents, zero=zero, consolidated_cast=cast,
     )

@@ -53,6 +53,9 @@ class Contents:
     dataloader: bool  # per-rank data positions under dataloader/
     rng: bool = True
     rollout: bool = False  # per-rank RL rollout state under rollout/ (`save(..., rollout_state=...)`)
+    # The dtype model/consolidated was cast to from the training weights (`consolidated_dtype`; None: as trained). Then a
+    # resume reads the weights as trained from model/master (CONSOLIDATED) or model/sharded (SHARDED) instead.
+    consolidated_dtype: str | None = None
 
     @property
     def deployable_dir(self) -> str | None:
@@ -70,6 +73,7 @@ class Contents:
             "dataloader": self.dataloader,
             "rng": self.rng,
             "rollout": self.rollout,
+            "consolidated_dtype": self.consolidated_dtype,
         }
 
     @classmethod
@@ -82,6 +86,7 @@ class Contents:
             dataloader=bool(data.get("dataloader")),
             rng=bool(data.get("rng", True)),
             rollout=bool(data.get("rollout")),
+            consolidated_dtype=data.get("consolidated_dtype"),
         )
 
     @classmethod

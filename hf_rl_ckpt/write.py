@@ -34,7 +34,7 @@ from .config import CheckpointConfig, parse_duration, parse_size, redact_secrets
 from .errors import CheckpointError, CheckpointSaveError
 from .faultpoint import faultpoint
 from .hub.card import Leaderboard, branch_for, card_rows, render_model_card
-from .layout import ADAPTER_DIR, CONFIG_YAML, CheckpointLayout, CONSOLIDATED_DIR, MODEL_CARD, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, dataloader_file, rng_file, safe_join
+from .layout import ADAPTER_DIR, CONFIG_YAML, CheckpointLayout, CONSOLIDATED_DIR, MASTER_DIR, MODEL_CARD, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, dataloader_file, rng_file, safe_join
 from .atomic import commit_directory, staging_sibling, write_bytes
 from .events import Subscribers
 from .plan import SavePlan, plan_save
@@ -135,7 +135,7 @@ class CheckpointWriter:
             plan = plan_save(
                 step, staging, self.ranks, model=inputs.model, optimizer=inputs.optimizer, scheduler=inputs.scheduler, dataloader=inputs.dataloader,
                 save_optimizer=self.config.save_optimizer, save_consolidated=self.config.save_consolidated,
-                rollout=inputs.rollout_state is not None,
+                rollout=inputs.rollout_state is not None, consolidated_dtype=self.config.consolidated_dtype,
             )
             parts = self._parts(plan, inputs)
         except Exception as err:  # e.g. a dataloader without state_dict(): reported to every rank below
@@ -296,7 +296,14 @@ class CheckpointWriter:
         def write_extra_files() -> Digests:
             return {name: write_bytes(safe_join(staging, name), data) for name, data in extra_files.items()} if shared else {}
 
-        weights = plan.contents.weights
+        weights, cast = plan.contents.weights, plan.consolidated_cast
+
+        def write_master_weights(state: Mapping[str, torch.Tensor]) -> Digests:
+            if not plan.writes_master_weights:
+                return {}
+            (staging / MASTER_DIR).mkdir(parents=True, exist_ok=True)
+            return _prefixed(MASTER_DIR, save_weights(state, staging / MASTER_DIR, self.max_shard_size))
+
         if plan.model.partitioned:  # ZeRO-3: every rank gathers (collectives, bucket by bucket); rank 0 writes
 
             def write_partitioned() -> Digests:
@@ -307,9 +314,9 @@ class CheckpointWriter:
                         return {**_prefixed(ADAPTER_DIR, save_adapter(module, staging / ADAPTER_DIR, tokenizer=tokenizer)), **write_extra_files()}
                     weights = save_consolidated(
                         module, staging / CONSOLIDATED_DIR, max_shard_size=self.max_shard_size, tokenizer=tokenizer,
-                        weights_format=self.config.model_save_format, state=state,
+                        weights_format=self.config.model_save_format, state=state, dtype=cast,
                     )
-                    return {**_prefixed(CONSOLIDATED_DIR, weights), **write_extra_files()}
+                    return {**_prefixed(CONSOLIDATED_DIR, weights), **write_master_weights(deduplicated_state_dict(module, state)), **write_extra_files()}
 
             return SavePart("model", write_partitioned, background=False)
         if weights is WeightsFormat.SHARDED:
@@ -318,7 +325,7 @@ class CheckpointWriter:
                 consolidated = staging / CONSOLIDATED_DIR if plan.contents.consolidated else None
                 save_sharded(
                     module, staging / SHARDED_DIR, consolidated, max_shard_size=self.max_shard_size, tokenizer=tokenizer,
-                    shards_visible=not self.node_local,
+                    shards_visible=not self.node_local, dtype=cast,
                 )
                 return write_extra_files()
 
@@ -329,10 +336,11 @@ class CheckpointWriter:
             return SavePart("model", lambda: {**_prefixed(ADAPTER_DIR, save_adapter(module, staging / ADAPTER_DIR, tokenizer=tokenizer)), **write_extra_files()}, background=False)
         out = staging / CONSOLIDATED_DIR
         out.mkdir(parents=True, exist_ok=True)
-        save_hf_metadata(module, out, tokenizer)  # small, and now: a tokenizer must not be saved from another thread
+        save_hf_metadata(module, out, tokenizer, dtype=cast)  # small, and now: a tokenizer must not be saved from another thread
 
         def write_weights(state: Mapping[str, torch.Tensor]) -> Digests:
-            return {**_prefixed(CONSOLIDATED_DIR, save_weights(state, out, self.max_shard_size, self.config.model_save_format)), **write_extra_files()}
+            consolidated = save_weights(state, out, self.max_shard_size, self.config.model_save_format, cast)
+            return {**_prefixed(CONSOLIDATED_DIR, consolidated), **write_master_weights(state), **write_extra_files()}
 
         return SavePart("model", write_weights, tensors=deduplicated_state_dict(module))
 

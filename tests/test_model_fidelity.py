@@ -153,3 +153,65 @@ def test_model_cast_after_construction_records_the_dtype_it_was_written_in(tmp_p
         assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in loaded.state_dict().items())
     assert os.path.realpath(tmp_path / "serve") == str(published)
     assert json.loads((path / "training_info.json").read_text())["model"]["dtype"] == "bfloat16"
+
+
+# ---------------------------------------------------------------- consolidated_dtype
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_consolidated_dtype_serves_bf16_and_resumes_the_fp32_master_weights(tmp_path, async_save):
+    """`consolidated_dtype: bfloat16` with fp32 training weights: model/consolidated is bf16 (config.json says so),
+    the weights as trained are kept in model/master, and a resume restores those bit for bit."""
+    from hf_rl_ckpt.verify import verify_checkpoint
+
+    model = build_model("llama", seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
+    optimizer.step()
+    config = CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), consolidated_dtype="bfloat16", async_save=async_save)
+    manager = CheckpointManager(config)
+    manager.save(1, model=model, optimizer=optimizer)
+    manager.finalize()
+    step = tmp_path / "ckpt" / "step_1"
+    verify_checkpoint(step, checksums=True)
+    info = json.loads((step / "training_info.json").read_text())
+    assert info["contents"]["consolidated_dtype"] == "bfloat16"
+    served = manager.consolidated_path(1)
+    assert json.loads((served / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = AutoModelForCausalLM.from_pretrained(served)
+    assert loaded.dtype == torch.bfloat16
+    assert all(torch.equal(loaded.state_dict()[name], tensor.to(torch.bfloat16)) for name, tensor in model.state_dict().items())
+    with safe_open(step / "model" / "master" / "model.safetensors", framework="pt") as reader:
+        assert {reader.get_slice(name).get_dtype() for name in reader.keys()} == {"F32"}
+
+    other = build_model("llama", seed=1)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    CheckpointManager(config).resume(model=other, optimizer=other_optimizer)
+    expected, actual = full_state(model, optimizer), full_state(other, other_optimizer)
+    assert expected.keys() == actual.keys() and all(torch.equal(actual[name], expected[name]) for name in expected)
+
+
+def test_consolidated_dtype_equal_to_the_training_dtype_writes_no_second_copy(tmp_path):
+    model = build_model("llama", seed=0, dtype=torch.bfloat16)
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), consolidated_dtype="bfloat16"))
+    manager.save(1, model=model)
+    manager.finalize()
+    step = tmp_path / "ckpt" / "step_1"
+    assert not (step / "model" / "master").exists()
+    assert json.loads((step / "training_info.json").read_text())["contents"]["consolidated_dtype"] is None
+
+
+def test_sharded_consolidation_casts_the_consolidated_files_only(tmp_path):
+    """The FSDP path: DCP consolidates the shards byte for byte, then the files are rewritten in the export dtype
+    (split by their bf16 sizes, index total fixed); the shards the model resumes from stay fp32."""
+    from hf_rl_ckpt.state.sharded import save_sharded
+
+    model = build_model("qwen2", seed=3, tie_word_embeddings=True)
+    save_sharded(model, tmp_path / "sharded", tmp_path / "consolidated", max_shard_size=100_000, dtype=torch.bfloat16)
+    index = json.loads((tmp_path / "consolidated" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(param.numel() * 2 for param in model.parameters())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "consolidated")
+    assert loaded.dtype == torch.bfloat16
+    assert all(torch.equal(loaded.state_dict()[name], tensor.to(torch.bfloat16)) for name, tensor in model.state_dict().items())
+    for path in (tmp_path / "sharded").glob("*.safetensors"):
+        with safe_open(path, framework="pt") as reader:
+            assert {reader.get_slice(name).get_dtype() for name in reader.keys()} == {"F32"}

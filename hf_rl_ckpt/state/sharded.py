@@ -19,6 +19,7 @@ bytes each rank needs for its own sharding. That is what lets a checkpoint saved
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ from torch.distributed.tensor import DTensor
 from .. import distributed
 from ..errors import CheckpointSaveError, CorruptCheckpointError
 from ..shims import consolidate_safetensors_files
-from .model import SAFE_INDEX, SAFE_WEIGHTS, check_compatible, deduplicated_state_dict, save_consolidated, save_hf_metadata
+from .model import SAFE_INDEX, SAFE_WEIGHTS, cast_to, check_compatible, deduplicated_state_dict, save_consolidated, save_hf_metadata
+from .safetensors_io import write_safetensors
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -47,13 +49,17 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return deduplicated_state_dict(model, get_model_state_dict(model))
 
 
-def consolidated_file_plan(state: dict[str, torch.Tensor], max_shard_size: int) -> tuple[dict[str, int], bool]:
+def consolidated_file_plan(state: dict[str, torch.Tensor], max_shard_size: int, dtype: torch.dtype | None = None) -> tuple[dict[str, int], bool]:
     """Which consolidated file (1-based index) each tensor goes to, split as `save_pretrained` splits at `max_shard_size`.
 
-    Sizes come from the global shapes, so the plan is the same on every rank and needs no data.
+    Sizes come from the global shapes (and `dtype`, the one floating-point weights are written
+    in, if not their own), so the plan is the same on every rank and needs no data.
     Returns the mapping and whether more than one file results.
     """
-    shapes = {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta") for name, tensor in state.items()}
+    shapes = {
+        name: torch.empty(tensor.shape, dtype=dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype, device="meta")
+        for name, tensor in state.items()
+    }
     split = split_torch_state_dict_into_shards(shapes, max_shard_size=max_shard_size, filename_pattern="model{suffix}.safetensors")
     index = {filename: i for i, filename in enumerate(sorted(split.filename_to_tensors), start=1)}
     return {name: index[filename] for name, filename in split.tensor_to_filename.items()}, split.is_sharded
@@ -61,15 +67,16 @@ def consolidated_file_plan(state: dict[str, torch.Tensor], max_shard_size: int) 
 
 def save_sharded(
     model: torch.nn.Module, sharded_dir: Path, consolidated_dir: Path | None, *, max_shard_size: int, tokenizer: Any | None = None,
-    shards_visible: bool = True,
+    shards_visible: bool = True, dtype: torch.dtype | None = None,
 ) -> None:
     """Write `model`'s shards into `sharded_dir` (collective: every rank calls it) and, unless
     `consolidated_dir` is None, the HF folder assembled from them (on rank 0).
 
     `shards_visible=False` (node-local disks: rank 0 cannot read the other ranks' shards):
     the consolidated folder is written from the full tensors gathered to rank 0 instead
-    (a collective; peak memory on rank 0 is the model). Files are hashed afterwards by the
-    manifest builder; nothing is returned.
+    (a collective; peak memory on rank 0 is the model). `dtype`: the consolidated folder's
+    floating-point weights are written in it (the shards stay as trained). Files are hashed
+    afterwards by the manifest builder; nothing is returned.
     """
     state = hf_state_dict(model)
     dcp.save(state, storage_writer=HuggingFaceStorageWriter(os.fspath(sharded_dir), save_distributed=True))
@@ -78,20 +85,39 @@ def save_sharded(
     if not shards_visible:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0 only keeps it
         if distributed.rank() == 0:
-            save_consolidated(model, consolidated_dir, max_shard_size=max_shard_size, tokenizer=tokenizer, state=full)
+            save_consolidated(model, consolidated_dir, max_shard_size=max_shard_size, tokenizer=tokenizer, state=full, dtype=dtype)
         return
     if distributed.rank() != 0:
         return
     consolidated_dir.mkdir(parents=True, exist_ok=True)
-    plan, multi_file = consolidated_file_plan(state, max_shard_size)
+    plan, multi_file = consolidated_file_plan(state, max_shard_size, dtype)
     consolidate_safetensors_files(os.fspath(sharded_dir), os.fspath(consolidated_dir), fqn_to_index_mapping=plan)
     if not multi_file:
         # DCP names even a single file `model-00001-of-00001.safetensors` with an index; use
         # `save_pretrained`'s single-file name so every checkpoint's folder looks the same.
         os.replace(consolidated_dir / "model-00001-of-00001.safetensors", consolidated_dir / SAFE_WEIGHTS)
         (consolidated_dir / SAFE_INDEX).unlink()
+    if dtype is not None:
+        _cast_files(consolidated_dir, dtype)
     _check_whole(consolidated_dir, {name: tuple(tensor.shape) for name, tensor in state.items()})
-    save_hf_metadata(model, consolidated_dir, tokenizer)
+    save_hf_metadata(model, consolidated_dir, tokenizer, dtype=dtype)
+
+
+def _cast_files(folder: Path, dtype: torch.dtype) -> None:
+    """Rewrite the safetensors files of `folder` with floating-point tensors in `dtype`, one file at a time; fix the index's total size."""
+    total = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(os.fspath(path), framework="pt") as reader:
+            tensors = {name: cast_to(reader.get_tensor(name), dtype) for name in reader.keys()}
+        staging = path.with_name(f".{path.name}.cast")
+        write_safetensors(staging, tensors, {"format": "pt"})
+        os.replace(staging, path)
+        total += sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    index = folder / SAFE_INDEX
+    if index.is_file():
+        document = json.loads(index.read_text())
+        document.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
 def _check_whole(consolidated_dir: Path, shapes: dict[str, tuple[int, ...]]) -> None:
