@@ -1,4 +1,4 @@
-"""Every private name of torch, transformers and accelerate that hf_rl_ckpt relies on, in one place.
+"""Every private name of torch, transformers, accelerate and TRL that hf_rl_ckpt relies on, in one place.
 
 Upstream libraries may rename or drop a private name in any release. Gathering them here
 means one file to re-check when a release comes out, and one place where a missing name

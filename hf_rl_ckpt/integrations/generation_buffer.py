@@ -47,10 +47,9 @@ class GenerationBuffer:
 
     def capture(self) -> dict[str, Any]:
         """The state to save now, at an optimizer-step boundary (tensors referenced; the save copies them)."""
-        trainer = self.trainer
         return {
             "format": FORMAT,
-            "trainer": type(trainer).__name__,
+            "trainer": type(self.trainer).__name__,
             "micro_step": self.internals.micro_step(),
             "buffered_inputs": self.internals.buffered_inputs(),
             "pending_metrics": {key: list(values) for key, values in self.internals.train_metrics().items()},
@@ -58,9 +57,10 @@ class GenerationBuffer:
 
     def policy_version(self) -> int:
         """The global step whose weights generated the buffered completions (the current step when nothing is buffered)."""
-        generate_every, per_step = self.internals.generate_every(), self.internals.micro_steps_per_step()
         micro_step = self.internals.micro_step()
-        return (micro_step - micro_step % generate_every) // per_step if self.internals.buffered_inputs() is not None else micro_step // per_step
+        if self.internals.buffered_inputs() is not None:
+            micro_step -= micro_step % self.internals.generate_every()  # the micro-step that generated the buffer
+        return micro_step // self.internals.micro_steps_per_step()
 
     def restore(self, state: Any) -> None:
         """Put a saved buffer back before training resumes."""
