@@ -148,8 +148,9 @@ def publish(
         )
     versions = versions_dir(link)
     versions.mkdir(parents=True, exist_ok=True)
-    existing = [entry for entry in versions.iterdir() if not entry.name.startswith(".")]  # hidden: a crashed publisher's staging
-    sequence = max(map(_sequence, existing), default=0) + 1
+    # By publication order; hidden entries are a crashed publisher's staging.
+    existing = {entry: _sequence(entry) for entry in versions.iterdir() if not entry.name.startswith(".")}
+    sequence = max(existing.values(), default=0) + 1
     final = versions / name
     suffix = 1
     while final.exists():  # the same step published again (e.g. after a resume): never touch what readers may hold
@@ -168,7 +169,7 @@ def publish(
     os.symlink(os.path.relpath(final, link.parent), tmp_link)
     os.replace(tmp_link, link)
     fsync_dir(link.parent)
-    newest_first = sorted(existing, key=_sequence, reverse=True)
+    newest_first = sorted(existing, key=existing.__getitem__, reverse=True)
     for entry in [*newest_first[keep - 1:], *(entry for entry in versions.iterdir() if entry.name.startswith("."))]:
         shutil.rmtree(entry, ignore_errors=True)
     return final
