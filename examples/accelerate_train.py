@@ -69,6 +69,15 @@ def deepspeed_accelerator(stage: int, cpu: bool) -> Accelerator:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=args.cpu) if args.zero_stage is None else deepspeed_accelerator(args.zero_stage, args.cpu)
+    try:
+        train(accelerator, args)
+    finally:
+        # Leaves the process group on every rank before the interpreter exits: a rank exiting with it
+        # still up tears its connections down during shutdown, which can abort a process under gloo.
+        accelerator.end_training()
+
+
+def train(accelerator: Accelerator, args: argparse.Namespace) -> None:
     set_seed(args.seed)
     tokenizer = build_tokenizer()
     model = build_model("llama", seed=args.seed, dropout=0.1)

@@ -171,7 +171,7 @@ def seeing_rank0_directory(root: Path) -> list[bool]:
 
 
 def destroy_group(group: Any) -> None:
-    """Destroy a process group made by `Ranks.side_channel` (None: nothing to do)."""
+    """Destroy a process group made by `Ranks.side_channel` that may be broken (None: nothing to do); see `Ranks.close`."""
     if group is not None and dist.is_initialized():
         dist.destroy_process_group(group)
 
@@ -227,6 +227,16 @@ class Ranks:
         if not self.is_distributed:
             return self
         return Ranks(group=dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout) if timeout else None))
+
+    def close(self) -> None:
+        """Destroy a healthy side channel once every rank is done with it (every rank calls this).
+
+        The barrier first: no rank tears down its connections while a peer's message on them may
+        still be in flight.
+        """
+        if self.group is not None and dist.is_initialized():
+            dist.barrier(group=self.group)
+            dist.destroy_process_group(self.group)
 
 
 JOB = Ranks()

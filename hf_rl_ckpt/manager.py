@@ -528,7 +528,8 @@ class CheckpointManager(BaseCheckpointManager):
                 self.committer.lock.release()
                 if self._preemption is not None:
                     self._preemption.uninstall()
-                distributed.destroy_group(self._deciding.group if self._deciding else None)
+                if self._deciding is not None:
+                    self._deciding.close()
                 self._deciding = None
 
 
