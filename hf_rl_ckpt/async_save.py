@@ -48,12 +48,11 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from .digest import Digests
 from .faultpoint import faultpoint
 from .shims import runs_step_pre_hooks
 
 logger = logging.getLogger("hf_rl_ckpt")
-
-Digests = dict[str, tuple[int, str]]
 
 
 # ---------------------------------------------------------------- parts

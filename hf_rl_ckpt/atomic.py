@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import logging
 import mmap
@@ -30,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
+from .digest import RECORDED, FileDigest, digest_bytes, new_hasher
 from .faultpoint import faultpoint
 
 logger = logging.getLogger(__name__)
@@ -176,30 +176,30 @@ WRITEBACK_CHUNK = 64 * 1024 * 1024
 
 
 class HashingWriter:
-    """A binary file writer that computes sha256 and size of what passes through it.
+    """A binary file writer that computes the digest and size of what passes through it.
 
     Hashing while writing means the manifest costs no second read of the bytes.
     """
 
     def __init__(self, fh: BinaryIO) -> None:
         self._fh = fh
-        self._sha = hashlib.sha256()
+        self._hasher = new_hasher()
         self.size = 0
 
     def write(self, data: bytes | memoryview) -> int:
-        self._sha.update(data)
+        self._hasher.update(data)
         self.size += len(data)
         return self._fh.write(data)
 
     @property
-    def sha256(self) -> str:
-        return self._sha.hexdigest()
+    def digest(self) -> FileDigest:
+        return FileDigest(self.size, self._hasher.hexdigest())
 
 
 class PipelinedHashingWriter(HashingWriter):
     """A `HashingWriter` whose file writes run on a helper thread while the caller hashes.
 
-    hashlib and file writes both release the GIL on large buffers, so hashing a chunk and
+    Hashing and file writes both release the GIL on large buffers, so hashing a chunk and
     writing it overlap: a save costs the slower of the two instead of their sum. Every
     `WRITEBACK_CHUNK` bytes the helper also asks the kernel (Linux) to start writing them
     to disk, so the disk works while the rest is hashed and the final fsync has little
@@ -229,7 +229,7 @@ class PipelinedHashingWriter(HashingWriter):
         for start in range(0, len(view), self._chunk):
             piece = view[start : start + self._chunk]
             self._pending.append(self._pool.submit(self._write_piece, piece))
-            self._sha.update(piece)
+            self._hasher.update(piece)
             self.size += len(piece)
             while len(self._pending) > self._depth:
                 self._pending.popleft().result()
@@ -252,8 +252,8 @@ class PipelinedHashingWriter(HashingWriter):
         self.close()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> tuple[int, str]:
-    """Write `data` to `path` without fsync; return (size, sha256).
+def write_bytes(path: str | os.PathLike, data: bytes) -> FileDigest:
+    """Write `data` to `path` without fsync; return its digest.
 
     Only for files inside a checkpoint's `.incomplete/` staging directory: nothing there is
     visible until the commit, which fsyncs the whole tree (`fsync_tree`) before renaming it
@@ -261,7 +261,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> tuple[int, str]:
     """
     with open(path, "wb") as fh:
         fh.write(data)
-    return len(data), hashlib.sha256(data).hexdigest()
+    return digest_bytes(data)
 
 
 def staging_sibling(final: str | os.PathLike) -> Path:
@@ -284,23 +284,23 @@ def commit_file(staging: str | os.PathLike, final: str | os.PathLike) -> None:
     fsync_dir(Path(final).parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> tuple[int, str]:
-    """Write `data` to `path` through a temp file + fsync + rename; return (size, sha256)."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> FileDigest:
+    """Write `data` to `path` through a temp file + fsync + rename; return its digest."""
     tmp = staging_sibling(path)
     with open(tmp, "wb") as fh:
         fh.write(data)
     commit_file(tmp, path)
-    return len(data), hashlib.sha256(data).hexdigest()
+    return digest_bytes(data)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> tuple[int, str]:
-    """Atomically write `obj` as pretty JSON; return (size, sha256)."""
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> FileDigest:
+    """Atomically write `obj` as pretty JSON; return its digest."""
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes; the next chunk is read while the previous one is hashed."""
-    return read_hashed(path, keep=False)[1]
+def hash_file(path: str | os.PathLike, algorithm: str = RECORDED) -> str:
+    """Hex digest of a file's bytes (`digest.ALGORITHMS`); the next chunk is read while the previous one is hashed."""
+    return read_hashed(path, algorithm, keep=False)[1]
 
 
 def anonymous_buffer(size: int) -> memoryview:
@@ -321,8 +321,8 @@ def anonymous_buffer(size: int) -> memoryview:
     return memoryview(region)
 
 
-def read_hashed(path: str | os.PathLike, *, keep: bool = True) -> tuple[memoryview | None, str]:
-    """Read a file once, hashing while reading: (its bytes, or None when not `keep`, and their sha256).
+def read_hashed(path: str | os.PathLike, algorithm: str = RECORDED, *, keep: bool = True) -> tuple[memoryview | None, str]:
+    """Read a file once, hashing while reading: (its bytes, or None when not `keep`, and their `algorithm` hex digest).
 
     A helper thread reads chunk i+1 while this thread hashes chunk i (both release the GIL),
     so the cost is that of the slower of the two, not their sum. With `keep`, the bytes land
@@ -333,7 +333,7 @@ def read_hashed(path: str | os.PathLike, *, keep: bool = True) -> tuple[memoryvi
         size = os.fstat(fd).st_size
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        sha = hashlib.sha256()
+        hasher = new_hasher(algorithm)
         if keep:
             data = anonymous_buffer(size)
             pieces = [data[start : start + PIPELINE_CHUNK] for start in range(0, size, PIPELINE_CHUNK)]
@@ -357,7 +357,7 @@ def read_hashed(path: str | os.PathLike, *, keep: bool = True) -> tuple[memoryvi
                 assert pending is not None
                 pending.result()
                 pending = pool.submit(fill, index + 1) if index + 1 < len(pieces) else None
-                sha.update(pieces[index])
-        return data, sha.hexdigest()
+                hasher.update(pieces[index])
+        return data, hasher.hexdigest()
     finally:
         os.close(fd)

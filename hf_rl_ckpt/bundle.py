@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .atomic import commit_file, sha256_file
+from .atomic import commit_file, hash_file
 from .errors import CheckpointError, CorruptCheckpointError
 from .export import export_checkpoint
 from .layout import MODEL_CARD, safe_join
@@ -78,7 +78,8 @@ def export_bundle(
         folder = export_checkpoint(checkpoint, Path(work) / name, merge_lora=merge_lora, base=base)
         if (checkpoint / MODEL_CARD).is_file() and not (folder / MODEL_CARD).exists():
             shutil.copyfile(checkpoint / MODEL_CARD, folder / MODEL_CARD)
-        files = {rel: {"size": os.path.getsize(folder / rel), "sha256": sha256_file(folder / rel)} for rel in list_files(folder)}
+        # sha256, not the checkpoints' faster digest: a bundle is shipped to people who check it with `sha256sum`.
+        files = {rel: {"size": os.path.getsize(folder / rel), "sha256": hash_file(folder / rel, "sha256")} for rel in list_files(folder)}
         description = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_VERSION,
@@ -162,7 +163,7 @@ def verify_bundle_folder(folder: str | os.PathLike, source: str | os.PathLike | 
     listed = description["files"]
     for rel, entry in listed.items():
         path = safe_join(folder, rel)
-        if not path.is_file() or path.stat().st_size != entry.get("size") or sha256_file(path) != entry.get("sha256"):
+        if not path.is_file() or path.stat().st_size != entry.get("size") or hash_file(path, "sha256") != entry.get("sha256"):
             raise CorruptCheckpointError(where, f"{rel} does not match the bundle's file list (missing, truncated or modified)")
     unlisted = sorted(set(list_files(folder)) - set(listed) - {BUNDLE_INFO})
     if unlisted:

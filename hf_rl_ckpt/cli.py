@@ -178,7 +178,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except CorruptCheckpointError as err:
         print(f"FAILED {err.path}: {err.reason}", file=sys.stderr)
         return EXIT_CHECK_FAILED
-    print(f"OK {getattr(args, 'shown_as', path)}: {len(info['manifest'])} files match the manifest (size and sha256)")
+    print(f"OK {getattr(args, 'shown_as', path)}: {len(info['manifest'])} files match the manifest (size and digest)")
     return EXIT_OK
 
 

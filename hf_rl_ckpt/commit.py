@@ -1,7 +1,7 @@
 """The commit protocol of one run directory: stage, seal, rename into place, notify.
 
 Every file of a checkpoint is written under `.incomplete/<name>/`; `Committer.commit` lists
-them with size and sha256 in `training_info.json` (the last file written), fsyncs the tree
+them with size and digest in `training_info.json` (the last file written), fsyncs the tree
 and renames it into place. A crash at any instant therefore leaves either the old set of
 checkpoints or the old set plus one whole new checkpoint; `recover` (at start) removes
 what an interrupted save or eviction left behind. Once in place, the commit is announced
@@ -24,6 +24,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Mapping
 
+from .digest import Digests
 from .atomic import atomic_write_json, commit_directory, fsync_dir, fsync_tree, recover_parked
 from .errors import CheckpointError, CheckpointSaveError, ConfigError
 from .events import CheckpointCommitted, Subscribers
@@ -139,17 +140,17 @@ class Committer:
         staging.mkdir(parents=True)
         return staging
 
-    def commit(self, staging: Path, request: CommitRequest, digests: dict[str, tuple[int, str]]) -> TrainingInfo:
+    def commit(self, staging: Path, request: CommitRequest, digests: Digests) -> TrainingInfo:
         """Seal `staging` with its training_info.json, rename it into place, and notify the subscribers.
 
-        `digests` are the (size, sha256) of files computed while they were written; other
+        `digests` are the digests of files computed while they were written; other
         files in `staging` are hashed here. Raises before the rename if sealing fails
         (nothing is committed; the caller removes `staging`).
         """
         created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest = build_manifest(staging, digests)
         # Files other ranks wrote to their own (node-local) disks: listed by the digests they reported (see `remote`).
-        manifest.update({rel: {"size": size, "sha256": sha} for rel, (size, sha) in digests.items() if rel not in manifest})
+        manifest.update({rel: digest.entry() for rel, digest in digests.items() if rel not in manifest})
         info = TrainingInfo(
             step=request.step,
             epoch=request.epoch,

@@ -17,7 +17,8 @@ from typing import Any, Mapping
 
 from .errors import ConfigError, CorruptCheckpointError
 
-FORMAT_VERSION = 1
+#: On-disk format. 2: manifest entries record XXH3-128 (`digest`); format-1 checkpoints (sha256) still load and verify.
+FORMAT_VERSION = 2
 
 TRAINING_INFO = "training_info.json"
 CONFIG_YAML = "config.yaml"

@@ -28,6 +28,7 @@ import torch
 from . import distributed
 from .commit import CommitRequest, Committer
 from .config import CheckpointConfig, parse_duration
+from .digest import Digests
 from .errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from .events import Subscriber, Subscribers
 from .eviction import IndexAndRetention, ranking_values
@@ -431,7 +432,7 @@ class CheckpointManager(BaseCheckpointManager):
         # DeepSpeed ZeRO-3: every rank gathers, rank 0 writes.
         with whole_weights(kind.module, peft=kind.peft) if kind.partitioned else contextlib.nullcontext() as state:
 
-            def write(out: Path) -> dict[str, tuple[int, str]]:
+            def write(out: Path) -> Digests:
                 if kind.peft:
                     return save_adapter(kind.module, out, tokenizer=tokenizer)
                 return save_consolidated(
@@ -486,9 +487,9 @@ class CheckpointManager(BaseCheckpointManager):
     ) -> ResumeState:
         """Load one checkpoint directory into the given objects.
 
-        Verifies the manifest first (sizes always, sha256 when `verify_on_resume`), so a
+        Verifies the manifest first (sizes always, digests when `verify_on_resume`), so a
         damaged checkpoint is refused before anything is modified. In a single process the
-        weight and optimizer tensor files are read once: into memory while their sha256 is
+        weight and optimizer tensor files are read once: into memory while their digest is
         checked, then loaded from there (see `load.CheckpointLoader`).
         """
         return self._loader.load(path, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader, weights_only=weights_only)

@@ -1,6 +1,6 @@
 """Manifests and verification of a checkpoint directory.
 
-`training_info.json` lists every file of a checkpoint with its size and sha256. Sizes are
+`training_info.json` lists every file of a checkpoint with its size and digest (`digest`). Sizes are
 checked on every load (a stat per file, free), hashes on `verify` and on resume when
 `verify_on_resume` is set. Verification also refuses files the manifest does not list
 (a planted pickle must not ride along), paths that escape the checkpoint, and safetensors
@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Collection, Mapping
 
-from .atomic import read_hashed, sha256_file
+from .atomic import hash_file, read_hashed
+from .digest import ALGORITHMS, RECORDED, Digests, FileDigest, recorded_digest
 from .errors import CorruptCheckpointError
 from .layout import FORMAT_VERSION, TRAINING_INFO, safe_join
 from .state.safetensors_io import check_safetensors_header
@@ -36,21 +37,20 @@ def list_files(root: str | os.PathLike) -> list[str]:
     return sorted(files)
 
 
-def build_manifest(root: str | os.PathLike, known: Mapping[str, tuple[int, str]] | None = None) -> Manifest:
-    """Size and sha256 of every file under `root`.
+def build_manifest(root: str | os.PathLike, known: Digests | None = None) -> Manifest:
+    """Size and digest of every file under `root`.
 
-    `known` holds (size, sha256) that writers computed while writing; those files are not
+    `known` holds the digests that writers computed while writing; those files are not
     read again unless their size on disk disagrees.
     """
     known = known or {}
     manifest: Manifest = {}
     for rel in list_files(root):
         size = os.path.getsize(Path(root, rel))
-        if rel in known and known[rel][0] == size:
-            digest = known[rel][1]
-        else:
-            digest = sha256_file(Path(root, rel))
-        manifest[rel] = {"size": size, "sha256": digest}
+        digest = known.get(rel)
+        if digest is None or digest.size != size:
+            digest = FileDigest(size, hash_file(Path(root, rel)))
+        manifest[rel] = digest.entry()
     return manifest
 
 
@@ -75,19 +75,26 @@ def read_training_info(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
-def _hash_files(ckpt_dir: Path, manifest: Manifest, skip: Collection[str]) -> dict[str, str]:
-    """sha256 of the manifest's files that exist with the listed size, hashed in parallel (one per core, biggest first)."""
+def _digest_mismatches(ckpt_dir: Path, manifest: Manifest, skip: Collection[str]) -> set[str]:
+    """The manifest's files that exist with the listed size but not the recorded digest (hashed in parallel, one per core, biggest first)."""
     todo = []
     for rel, entry in manifest.items():
         path = safe_join(ckpt_dir, rel)
         if rel not in skip and isinstance(entry, dict) and path.is_file() and not path.is_symlink() and path.stat().st_size == entry.get("size"):
-            todo.append((entry["size"], rel, path))
+            todo.append((entry["size"], rel, path, recorded_digest(entry)))
     if not todo:
-        return {}
+        return set()
     todo.sort(key=lambda item: -item[0])
     with ThreadPoolExecutor(min(len(todo), os.cpu_count() or 1), thread_name_prefix="hf_rl_ckpt-verify") as pool:
-        futures = {rel: pool.submit(sha256_file, path) for _size, rel, path in todo}
-        return {rel: future.result() for rel, future in futures.items()}
+        futures = {rel: pool.submit(hash_file, path, recorded[0]) for _size, rel, path, recorded in todo if recorded is not None}
+        return {rel for _size, rel, _path, recorded in todo if recorded is None or futures[rel].result() != recorded[1]}
+
+
+def _digest_problem(entry: Mapping[str, Any]) -> str:
+    recorded = recorded_digest(entry)
+    if recorded is None:
+        return f"manifest entry records no digest this hf_rl_ckpt knows ({', '.join(ALGORITHMS)}); upgrade hf_rl_ckpt"
+    return f"{recorded[0]} does not match the manifest (the file was modified or bit-flipped)"
 
 
 def _within(rel: str, parts: Collection[str] | None) -> bool:
@@ -100,9 +107,9 @@ def verify_checkpoint(
     """Check a checkpoint against its manifest; return its training_info.
 
     Raises `CorruptCheckpointError` naming the first bad file, with every problem found
-    in the message: a file missing, of the wrong size, with the wrong sha256 (when
+    in the message: a file missing, of the wrong size, with the wrong digest (when
     `checksums`), not listed in the manifest, or a path escaping the checkpoint.
-    `deferred` names files whose sha256 the caller checks itself while reading them for
+    `deferred` names files whose digest the caller checks itself while reading them for
     loading (`read_verified`), so that resuming reads each byte once. `only` restricts
     the checks to these files and folders (relative paths), for a reader that needs no
     more (`export` reads the model folder, not the training state).
@@ -115,7 +122,7 @@ def verify_checkpoint(
     info = read_training_info(ckpt_dir)
     manifest: Manifest = {rel: entry for rel, entry in info["manifest"].items() if _within(rel, only)}
     problems: list[tuple[Path, str]] = []
-    digests = _hash_files(ckpt_dir, manifest, deferred) if checksums else {}
+    mismatches = _digest_mismatches(ckpt_dir, manifest, deferred) if checksums else set()
     for rel, entry in manifest.items():
         path = safe_join(ckpt_dir, rel)
         if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
@@ -126,8 +133,8 @@ def verify_checkpoint(
             problems.append((path, "missing"))
         elif (size := path.stat().st_size) != entry["size"]:
             problems.append((path, f"size {size} bytes, manifest says {entry['size']} (truncated or modified)"))
-        elif checksums and rel not in deferred and digests.get(rel, "") != entry.get("sha256"):
-            problems.append((path, "sha256 does not match the manifest (the file was modified or bit-flipped)"))
+        elif rel in mismatches:
+            problems.append((path, _digest_problem(entry)))
         elif path.suffix == ".safetensors":
             try:
                 check_safetensors_header(path)
@@ -143,7 +150,7 @@ def verify_checkpoint(
 
 
 def read_verified(ckpt_dir: str | os.PathLike, manifest: Manifest, relpaths: Collection[str]) -> dict[str, memoryview]:
-    """Read the files `relpaths` of a checkpoint into memory, checking each one's sha256 while reading it.
+    """Read the files `relpaths` of a checkpoint into memory, checking each one's digest while reading it.
 
     Returns their bytes by absolute path. Every file is read and checked before this
     returns, so a caller that loads only afterwards still modifies nothing when any file is
@@ -155,10 +162,11 @@ def read_verified(ckpt_dir: str | os.PathLike, manifest: Manifest, relpaths: Col
     ordered = sorted(relpaths, key=lambda rel: -int(manifest[rel].get("size") or 0))
 
     def read(rel: str) -> memoryview:
-        path = safe_join(ckpt_dir, rel)
-        data, digest = read_hashed(path)
-        if digest != manifest[rel].get("sha256") or len(data) != manifest[rel].get("size"):
-            raise CorruptCheckpointError(path, "sha256 does not match the manifest (the file was modified or bit-flipped)")
+        path, entry = safe_join(ckpt_dir, rel), manifest[rel]
+        recorded = recorded_digest(entry)
+        data, digest = read_hashed(path, recorded[0] if recorded else RECORDED)
+        if recorded is None or digest != recorded[1] or len(data) != entry.get("size"):
+            raise CorruptCheckpointError(path, _digest_problem(entry))
         return data
 
     if not ordered:

@@ -15,7 +15,7 @@ What a reader can rely on:
   `os.path.realpath(sync_weight_path)`) and read every file from the resolved folder: two
   opens through the link may straddle a swap and mix two versions.
 - Each version folder holds `weight_sync.json`: the step, the policy version, the dtype and
-  every file with its size and sha256 (`PublishedWeights`).
+  every file with its size and digest (`PublishedWeights`; XXH3-128, see `digest`).
 - The newest `sync_weight_keep` versions (default 2) stay on disk: a reader that resolved
   the link keeps its folder until `sync_weight_keep - 1` newer versions are published.
 
@@ -41,9 +41,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from .atomic import atomic_directory, fsync_dir, staging_sibling, write_bytes
+from .digest import Digests
 from .errors import CheckpointError, CorruptCheckpointError
 from .verify import build_manifest
 
@@ -66,7 +67,7 @@ class PublishedWeights:
         step: the training step whose weights these are.
         policy_version: the version an RL loop tags its rollouts with (the step unless the loop said otherwise).
         dtype: the dtype of the floating-point weights, e.g. "bfloat16".
-        files: every file of the folder with its size and sha256 (`{"model.safetensors": {"size": ..., "sha256": ...}}`).
+        files: every file of the folder with its size and digest (`{"model.safetensors": {"size": ..., "xxh3_128": ...}}`).
         sequence: the publication order (1 for the first version published behind this link).
     """
 
@@ -124,7 +125,7 @@ def _sequence(entry: Path) -> int:
 
 
 def publish(
-    link: str | os.PathLike, name: str, write: Callable[[Path], Mapping[str, tuple[int, str]] | None], *, step: int, policy_version: int | None = None,
+    link: str | os.PathLike, name: str, write: Callable[[Path], Digests | None], *, step: int, policy_version: int | None = None,
     dtype: str | None = None, keep: int = 2,
 ) -> Path:
     """Write a new version with `write(folder)` and atomically point `link` at it; keep the newest `keep` versions.
@@ -132,7 +133,7 @@ def publish(
     Args:
         link: the path readers use (`sync_weight_path`); created as a relative symlink.
         name: the version folder's name, e.g. `step_40`; a repeated name gets a suffix.
-        write: fills the (empty) folder it is given; may return the (size, sha256) of files it wrote, by name
+        write: fills the (empty) folder it is given; may return the digests of files it wrote, by name
             (they are not read again for `weight_sync.json`).
         step, policy_version, dtype: recorded in the version's `weight_sync.json` (policy_version defaults to step).
         keep: how many published versions stay on disk, the new one included (>= 1).
@@ -159,7 +160,7 @@ def publish(
     with atomic_directory(final) as staging:
         digests = write(staging)
         document = {
-            "format": FORMAT, "version": 1, "step": step, "policy_version": step if policy_version is None else policy_version,
+            "format": FORMAT, "version": 2, "step": step, "policy_version": step if policy_version is None else policy_version,
             "dtype": dtype, "sequence": sequence, "published_at": time.time(), "files": build_manifest(staging, digests),
         }
         write_bytes(staging / SYNC_INFO, (json.dumps(document, indent=1) + "\n").encode())  # sealed by atomic_directory's fsync

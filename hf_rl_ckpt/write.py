@@ -2,7 +2,7 @@
 
 `CheckpointWriter.save` is one save on every rank: rank 0 prepares `.incomplete/<name>/`,
 `plan.plan_save` decides what each rank writes, the parts write it (each returns the
-(size, sha256) of the files it wrote), and rank 0 commits (`commit.Committer`). Every step
+(size and digest of the files it wrote), and rank 0 commits (`commit.Committer`). Every step
 that can fail is followed by an agreement among the ranks (`_agree`), so a rank that
 failed never leaves the others waiting in a collective it will not join, and the error is
 raised on every rank with the failed rank named.
@@ -39,6 +39,7 @@ from .atomic import commit_directory, staging_sibling, write_bytes
 from .events import Subscribers
 from .plan import SavePlan, plan_save
 from .verify import build_manifest
+from .digest import RECORDED, Digests, FileDigest
 from .records import ModelSummary, OptimizerFormat, WeightsFormat
 from .registry import Registry
 from .retention import RetentionPolicy
@@ -54,8 +55,6 @@ from .state.scheduler import capture_scheduler
 from .state.sharded import save_sharded
 
 logger = logging.getLogger("hf_rl_ckpt")
-
-Digests = dict[str, tuple[int, str]]
 
 
 @dataclass
@@ -73,7 +72,7 @@ class SaveInputs:
     rng: RngSnapshot | None = None  # RNG streams to record instead of this process's (a converted checkpoint's own)
 
 
-def _prefixed(folder: str, digests: Mapping[str, tuple[int, str]]) -> Digests:
+def _prefixed(folder: str, digests: Mapping[str, FileDigest]) -> Digests:
     return {f"{folder}/{name}": digest for name, digest in digests.items()}
 
 
@@ -151,7 +150,7 @@ class CheckpointWriter:
         if in_background:
             return self._stage_for_background(plan, [part for part in parts if part.background], digests, request)
         if self.own_disk:  # rank 0 cannot hash what is on this rank's disk: files written without a digest (DCP's) too
-            digests = {rel: (entry["size"], entry["sha256"]) for rel, entry in build_manifest(staging, digests).items()}
+            digests = {rel: FileDigest(entry["size"], entry[RECORDED]) for rel, entry in build_manifest(staging, digests).items()}
         all_digests: Digests = {}
         for rank_digests in self.ranks.all_gather_object(digests):
             all_digests.update(rank_digests)

@@ -210,8 +210,8 @@ def test_resume_reads_tensor_files_once_and_still_refuses_damage_before_loading(
     _train(objs, 2, manager)
     manager.finalize()
     hashed = []
-    real_sha = verify_module.sha256_file
-    monkeypatch.setattr(verify_module, "sha256_file", lambda path: hashed.append(Path(path)) or real_sha(path))
+    real_hash = verify_module.hash_file
+    monkeypatch.setattr(verify_module, "hash_file", lambda path, *algorithm: hashed.append(Path(path)) or real_hash(path, *algorithm))
     fresh = make_objects(seed=3)
     assert CheckpointManager(_config(tmp_path)).resume(**fresh.as_kwargs()).step == 2
     tensor_files = [p for p in hashed if p.suffix == ".safetensors" and p.parent.name in ("consolidated", "optim")]
@@ -226,7 +226,7 @@ def test_resume_reads_tensor_files_once_and_still_refuses_damage_before_loading(
     target = make_objects(seed=4)
     state = CheckpointManager(_config(tmp_path)).resume(**target.as_kwargs())
     assert state.step == 1
-    assert "sha256 does not match" in caplog.text
+    assert "xxh3_128 does not match" in caplog.text
 
 
 _CHILD = textwrap.dedent(

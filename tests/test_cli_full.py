@@ -144,7 +144,7 @@ def test_export_checks_only_what_it_exports(checkpoint, tmp_path, capsys):
 
     weights = path / "model" / "consolidated" / "model.safetensors"
     data = bytearray(weights.read_bytes())
-    data[-1] ^= 0xFF  # same size: only the sha256 tells
+    data[-1] ^= 0xFF  # same size: only the digest tells
     weights.write_bytes(bytes(data))
     capsys.readouterr()
     assert main(["export", str(path), str(tmp_path / "damaged")]) == 1

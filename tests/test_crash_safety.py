@@ -69,7 +69,7 @@ def test_bit_flip_and_truncation_are_caught(tmp_path, make_objects, caplog):
     from hf_rl_ckpt.cli import main
 
     assert main(["verify", str(newest)]) == 1
-    with pytest.raises(Exception, match="model.safetensors: sha256 does not match"):
+    with pytest.raises(Exception, match="model.safetensors: xxh3_128 does not match"):
         verify_checkpoint(newest)
     state = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path))).resume(**make_objects().as_kwargs())
     assert state.step == 1

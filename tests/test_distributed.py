@@ -52,7 +52,7 @@ def test_fsdp2_sharded_save_consolidates_reshards_and_survives_a_failing_rank(tm
     torchrun(FSDP_SCRIPT, 2, "save", str(ckpt), str(refs))
 
     step_3 = ckpt / "step_3"
-    info = verify_checkpoint(step_3)  # every file, shards of both ranks included, matches the manifest's sha256
+    info = verify_checkpoint(step_3)  # every file, shards of both ranks included, matches the manifest's digest
     manifest = info["manifest"]
     assert {"model/sharded/shard-00001-model-00001-of-00001.safetensors", "model/sharded/shard-00002-model-00001-of-00001.safetensors"} <= set(manifest)
     assert "model/consolidated/model.safetensors.index.json" in manifest and "model/consolidated/tokenizer.json" in manifest

@@ -6,6 +6,7 @@ The fixtures in tests/fixtures/format_v1 were written by the old code; see their
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, ResumableDataLoader
 from hf_rl_ckpt.testing.tiny import build_model
+from hf_rl_ckpt.verify import verify_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures" / "format_v1"
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=1, num_key_value_heads=1, head_dim=32, num_hidden_layers=1)
@@ -73,3 +75,47 @@ def test_a_format_1_checkpoint_serves_and_continues(tmp_path: Path) -> None:
     manager.save(3, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader, metrics={"loss": 0.0})
     assert manager.latest() == run / "step_3" and len(manager.checkpoints()) == 2
     manager.finalize()
+
+
+SHA256_FIXTURE = Path(__file__).parent / "fixtures" / "format_v1_sha256"
+VOLATILE = {"format_version", "created_at", "save_seconds", "versions", "manifest"}  # when and by what it was written
+
+
+def _without_transformers_version(data: bytes) -> bytes:
+    return re.sub(rb'\n  "transformers_version": "[^"]*",?', b"", data)
+
+
+def test_a_sha256_manifest_checkpoint_verifies_resumes_and_resaves_to_the_same_bytes(tmp_path: Path) -> None:
+    """The last format-1 checkpoint (sha256 manifest) still verifies and resumes; saving the resumed state
+    writes the same bytes in every file, and a training_info.json that differs only in the digests it records."""
+    old = tmp_path / "run"
+    shutil.copytree(SHA256_FIXTURE / "run", old)
+    old_info = verify_checkpoint(old / "step_2")
+    assert all(set(entry) == {"size", "sha256"} for entry in old_info["manifest"].values())
+
+    model, optimizer, scheduler, loader = training_objects("plain")
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(old), keep_top_k=2, metric_name="loss", higher_is_better=False))
+    state = manager.resume(model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader)
+    assert state is not None and state.step == 2 and state.policy_version == 1
+    assert state.rollout_state["cursor"] == 5 and torch.equal(state.rollout_state["logprobs"], torch.arange(6.0).reshape(2, 3))
+    manager.finalize()
+
+    new = Path("/tmp/fx/run")  # the fixture's own checkpoint_dir, which its README.md and config.yaml name
+    shutil.rmtree(new, ignore_errors=True)
+    try:
+        resaver = CheckpointManager(CheckpointConfig(checkpoint_dir=str(new), keep_top_k=2, metric_name="loss", higher_is_better=False))
+        resaver.save(2, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader, metrics=old_info["metrics"],
+                     rollout_state=state.rollout_state, policy_version=state.policy_version)
+        resaver.finalize()
+        new_info = verify_checkpoint(new / "step_2")
+        assert new_info["format_version"] == 2
+        assert {k: v for k, v in new_info.items() if k not in VOLATILE} == {k: v for k, v in old_info.items() if k not in VOLATILE}
+        assert sorted(new_info["manifest"]) == sorted(old_info["manifest"])
+        for rel, entry in old_info["manifest"].items():
+            written, fixture = (new / "step_2" / rel).read_bytes(), (old / "step_2" / rel).read_bytes()
+            if rel.endswith("config.json"):  # transformers records its own version there
+                written, fixture = (_without_transformers_version(data) for data in (written, fixture))
+            assert written == fixture, rel
+            assert set(new_info["manifest"][rel]) == {"size", "xxh3_128"}, rel
+    finally:
+        shutil.rmtree(new, ignore_errors=True)

@@ -141,7 +141,7 @@ def _set_info(**fields) -> Callable[[Path, Path], None]:
 
 CORRUPTIONS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "truncated": (_truncate, r"model\.safetensors: size \d+ bytes, manifest says \d+ \(truncated"),
-    "bit_flipped": (_flip, r"model\.safetensors: sha256 does not match"),
+    "bit_flipped": (_flip, r"model\.safetensors: xxh3_128 does not match"),
     "header_length_huge": (lambda c, o: rewrite_header(c, lambda h: None, length=2**62), r"model\.safetensors: invalid safetensors header: header length"),
     "header_claims_huge_tensor": (lambda c, o: rewrite_header(c, _huge), r"model\.safetensors: invalid safetensors header: tensors cover \d+ bytes"),
     "header_overlapping_offsets": (lambda c, o: rewrite_header(c, _overlap), r"model\.safetensors: invalid safetensors header: .*overlaps"),

@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from hf_rl_ckpt import (
     CheckpointConfig,
@@ -113,12 +114,13 @@ def test_layout_and_training_info(tmp_path, make_objects):
     objs = make_objects()
     path = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path), hub_token="hf_x")).save(2, **objs.as_kwargs(), metrics={"r": 1.0})
     info = json.loads((path / "training_info.json").read_text())
-    assert info["format_version"] == 1 and info["step"] == 2 and info["world_size"] == 1
+    assert info["format_version"] == 2 and info["step"] == 2 and info["world_size"] == 1
     assert {"torch", "transformers", "safetensors"} <= set(info["versions"])
     expected = {"model/consolidated/model.safetensors", "model/consolidated/config.json", "scheduler.json",
                 "dataloader/rank_0.json", "rng/rank_0.safetensors", "config.yaml"}
     assert expected <= set(info["manifest"])
-    assert all(len(entry["sha256"]) == 64 for entry in info["manifest"].values())
+    for rel, entry in info["manifest"].items():  # the size and XXH3-128 of each file's bytes
+        assert entry == {"size": len(data := (path / rel).read_bytes()), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}, rel
     assert "hf_x" not in (path / "config.yaml").read_text()
     assert json.loads((tmp_path / "checkpoints.json").read_text())["checkpoints"][0]["step"] == 2
 

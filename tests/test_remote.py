@@ -230,14 +230,14 @@ def test_the_cli_lists_inspects_and_verifies_remote_checkpoints(tmp_path, make_o
     verified = cli("verify", f"{s3.url}/step_2")
     assert verified.returncode == 0 and verified.stdout.startswith(f"OK {s3.url}/step_2"), verified.stderr
 
-    fs, root = fsspec.core.url_to_fs(s3.url)  # flip a byte of a weight file on the remote: the same size, another sha256
+    fs, root = fsspec.core.url_to_fs(s3.url)  # flip a byte of a weight file on the remote: the same size, another digest
     weights = next(path for path in fs.find(f"{root}/step_2") if path.endswith(".safetensors"))
     data = bytearray(fs.cat_file(weights))
     data[-1] ^= 0xFF
     fs.pipe_file(weights, bytes(data))
     assert cli("list", s3.url).returncode == 0, "sizes still match: only a re-hash sees it"
     failed = cli("verify", f"{s3.url}/step_2")
-    assert failed.returncode == 1 and "sha256 does not match" in failed.stderr
+    assert failed.returncode == 1 and "xxh3_128 does not match" in failed.stderr
     assert cli("list", s3.url, "--verify").returncode == 1
     fs.rm_file(weights)
     assert "missing" in cli("list", s3.url).stdout

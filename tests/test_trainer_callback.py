@@ -104,7 +104,7 @@ def test_checkpoint_loads_with_from_pretrained_bit_exact(causal):
 
 def test_checkpoint_is_pickle_free_and_holds_trainer_state(causal):
     ckpt = checkpoint_callback(causal.trainer).manager.latest()
-    verify_checkpoint(ckpt)  # every file is in the manifest, sizes and sha256 match
+    verify_checkpoint(ckpt)  # every file is in the manifest, sizes and digests match
     for path in ckpt.rglob("*"):
         if path.is_file():
             assert path.suffix not in {".pt", ".pth", ".bin", ".pkl"}, path

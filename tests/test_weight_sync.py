@@ -1,19 +1,19 @@
 """Weight sync to an inference engine (`sync_weight_path`): what a reader of the published folder can rely on.
 
-Each version carries `weight_sync.json` (step, policy version, dtype, files with sizes and sha256);
+Each version carries `weight_sync.json` (step, policy version, dtype, files with sizes and XXH3-128 digests);
 the newest `sync_weight_keep` versions stay whole, so a slow engine that resolved an older one keeps
 reading a complete folder; `consolidated_dtype` publishes bf16 weights from fp32 master weights.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -38,7 +38,7 @@ def test_each_version_describes_itself(tmp_path):
     assert sorted(version.files) == on_disk and "model.safetensors" in on_disk and "tokenizer.json" in on_disk
     for name, entry in version.files.items():
         data = (folder / name).read_bytes()
-        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+        assert entry == {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}, name
     (folder / "model.safetensors").write_bytes(b"cut short")
     with pytest.raises(CorruptCheckpointError, match="model.safetensors"):
         PublishedWeights.read(folder)

@@ -24,11 +24,12 @@ pass stops and its pushes stay pending (retried at the next save, at the next st
 `hf-rl-ckpt push`). A 401/403 is reported once, as one ERROR line that says what to fix,
 and stops publishing for the process; training goes on.
 
-Bytes: each branch update is one `create_commit`. Files are added from the checkpoint with
-the sha256 its manifest already holds (the client would otherwise read every weight file
-once more to hash it), so the preupload answer lets the client skip files the branch
-already has, and the Hub's LFS store (content-addressed by sha256) is never sent an object
-twice: pushing `main` after the branch of the same checkpoint uploads no weights again.
+Bytes: each branch update is one `create_commit`. The preupload answer lets the client skip
+files the branch already has, and the Hub's LFS store (content-addressed by sha256) is never
+sent an object twice: pushing `main` after the branch of the same checkpoint uploads no
+weights again. The LFS object ids (sha256) are computed by the publisher's thread, off the
+save path (checkpoints record XXH3-128, see `digest`); for checkpoints written before
+format 2 the manifest's sha256 is used as is.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from huggingface_hub.utils import disable_progress_bars
 from tqdm.auto import tqdm
 
-from ..atomic import sha256_file
+from ..atomic import hash_file
+from ..digest import recorded_digest
 from ..background import BackgroundWorker, RetryPolicy
 from ..config import CheckpointConfig, check_repo_id
 from ..errors import CheckpointError, CorruptCheckpointError, HubAuthError, HubPublishError, HubUnavailableError
@@ -170,11 +172,16 @@ class HubState:
 # ====================================================================== what a branch holds
 @dataclass(frozen=True)
 class HubFile:
-    """A checkpoint file and where it goes in the repo; `sha256` comes from the manifest."""
+    """A checkpoint file and where it goes in the repo.
+
+    `digest` is the hex digest the manifest records (any algorithm: it tells pushed content apart);
+    `sha256` the file's sha256 when the manifest records one (checkpoints before format 2).
+    """
 
     path_in_repo: str
     local: Path
-    sha256: str
+    digest: str
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -188,7 +195,7 @@ class CheckpointUpload:
     @property
     def fingerprint(self) -> str:
         """Identity of the branch content: equal fingerprints mean nothing to push."""
-        listing = json.dumps([(f.path_in_repo, f.sha256) for f in self.files]).encode()
+        listing = json.dumps([(f.path_in_repo, f.digest) for f in self.files]).encode()
         return hashlib.sha256(listing + b"\0" + self.card).hexdigest()
 
 
@@ -225,10 +232,13 @@ def checkpoint_files(ckpt_dir: str | Path, *, include_training_state: bool = Fal
         path = safe_join(ckpt_dir, rel)
         if path.stat().st_size != entry["size"]:
             raise CorruptCheckpointError(path, f"size {path.stat().st_size} bytes, manifest says {entry['size']}; not publishing a damaged checkpoint")
-        files.append(HubFile(in_repo, path, entry["sha256"]))
+        recorded = recorded_digest(entry)
+        if recorded is None:
+            raise CorruptCheckpointError(path, "its manifest entry records no digest; not publishing a damaged checkpoint")
+        files.append(HubFile(in_repo, path, recorded[1], entry.get("sha256")))
     if include_training_state:
         info = ckpt_dir / TRAINING_INFO
-        files.append(HubFile(f"{TRAINING_STATE_DIR}/{TRAINING_INFO}", info, sha256_file(info)))
+        files.append(HubFile(f"{TRAINING_STATE_DIR}/{TRAINING_INFO}", info, hash_file(info)))
     return tuple(files)
 
 
@@ -326,8 +336,8 @@ def _client_progress_bars(retrying: bool) -> ContextManager[object]:
 
 def _addition(file: HubFile) -> CommitOperationAdd:
     operation = CommitOperationAdd(file.path_in_repo, str(file.local))
-    # The manifest's digest, so the client does not read the whole file again to hash it.
-    operation.upload_info.sha256 = bytes.fromhex(file.sha256)
+    # The LFS object id. Old manifests hold it; else it is hashed here, on the publisher's thread, off the save path.
+    operation.upload_info.sha256 = bytes.fromhex(file.sha256 or hash_file(file.local, "sha256"))
     return operation
 
 

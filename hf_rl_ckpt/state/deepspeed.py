@@ -35,6 +35,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from safetensors import safe_open
 
+from ..digest import Digests
 from .. import distributed
 from ..atomic import write_bytes
 from ..errors import CorruptCheckpointError, StateMismatchError
@@ -42,7 +43,6 @@ from .pickled import load_pickled
 from . import tensortree
 from .safetensors_io import write_safetensors
 
-FileDigests = dict[str, tuple[int, str]]
 
 ZERO_DIR = "zero"
 LOSS_SCALER = "loss_scaler"  # deepspeed.checkpoint.constants.LOSS_SCALER: a live object, stored as its numbers
@@ -266,20 +266,20 @@ def zero_files(rank: int) -> tuple[str, str]:
     return f"{ZERO_DIR}/rank_{rank}.safetensors", f"{ZERO_DIR}/rank_{rank}.json"
 
 
-def write_zero_optimizer(optimizer: Any, out_dir: Path, rank: int, world_size: int) -> FileDigests:
+def write_zero_optimizer(optimizer: Any, out_dir: Path, rank: int, world_size: int) -> Digests:
     """This rank's ZeRO optimizer partition as safetensors + JSON under `out_dir` (the checkpoint's `optim/`).
 
     For `ZeroPartitions` (a conversion, in one process), every rank's partition.
     """
     if isinstance(optimizer, ZeroPartitions):
-        digests: FileDigests = {}
+        digests: Digests = {}
         for index, state in enumerate(optimizer.states):
             digests.update(_write_partition(state, optimizer.stage, out_dir, index, len(optimizer.states)))
         return digests
     return _write_partition(optimizer.state_dict(), _stage_of(optimizer), out_dir, rank, world_size)
 
 
-def _write_partition(state: Mapping[str, Any], stage: int, out_dir: Path, rank: int, world_size: int) -> FileDigests:
+def _write_partition(state: Mapping[str, Any], stage: int, out_dir: Path, rank: int, world_size: int) -> Digests:
     state = dict(state)
     scaler = state.pop(LOSS_SCALER, None)
     structure, tensors = tensortree.split(

@@ -21,6 +21,7 @@ from huggingface_hub.utils import tqdm
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
+from ..digest import Digests
 from ..errors import CorruptCheckpointError, StateMismatchError
 from ..layout import safe_join
 from .pickled import load_pickled_tensors, write_torch_bin
@@ -35,7 +36,6 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 WeightsFormat = Literal["safetensors", "torch_save"]
 #: weights format -> (single-file name, shard index name), in the order readers look for them.
 _WEIGHT_FILES: dict[str, tuple[str, str]] = {"safetensors": (SAFE_WEIGHTS, SAFE_INDEX), "torch_save": (BIN_WEIGHTS, BIN_INDEX)}
-FileDigests = dict[str, tuple[int, str]]
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -122,7 +122,7 @@ def cast_to(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def save_weights(
     state: Mapping[str, torch.Tensor], out_dir: Path, max_shard_size: int, weights_format: WeightsFormat = "safetensors",
     dtype: torch.dtype | None = None,
-) -> FileDigests:
+) -> Digests:
     """Write `state` as one weights file or HF-named shards + index; return digests by file name.
 
     `weights_format="torch_save"` writes the legacy `pytorch_model.bin` (a `torch.save` of the
@@ -136,7 +136,7 @@ def save_weights(
         for name, tensor in state.items()
     }
     split = split_torch_state_dict_into_shards(sized, max_shard_size=max_shard_size, filename_pattern=single.replace(".", "{suffix}.", 1))
-    digests: FileDigests = {}
+    digests: Digests = {}
     # Above max_shard_size a model takes minutes to write: show progress by file (one file needs no bar).
     files = tqdm(split.filename_to_tensors.items(), desc=f"Writing weights to {out_dir}", unit="file", disable=not split.is_sharded, name="hf_rl_ckpt")
     for filename, names in files:
@@ -160,7 +160,7 @@ def save_consolidated(
     weights_format: WeightsFormat = "safetensors",
     state: Mapping[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
-) -> FileDigests:
+) -> Digests:
     """Write the HF-format folder of `model` (weights, config, generation config, tokenizer).
 
     `state`: the weights to write when the model's own are partitioned (DeepSpeed ZeRO-3, gathered by the caller).
@@ -252,7 +252,7 @@ def load_consolidated(
     Everything is checked against the model before any tensor is copied, so a mismatch
     leaves the model untouched. A legacy `pytorch_model.bin` folder is read only with
     `trust_pickle` (see `hf_rl_ckpt.state.pickled`). `preloaded` maps file paths to their
-    tensors already in memory (read once while their sha256 was checked): not read again.
+    tensors already in memory (read once while their digest was checked): not read again.
     """
     inner = unwrap_model(model)
     files = weight_files(folder)

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from torch.distributed.tensor import DTensor
 from torch.futures import Future
 
+from ..digest import Digests, FileDigest
 from .. import distributed
 from ..atomic import atomic_write_bytes, write_bytes
 from ..errors import CorruptCheckpointError, StateMismatchError
@@ -50,7 +51,6 @@ OPTIM_FILE_SIZE = 512 << 20
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 #: Prefix of a flattened state's per-parameter group options: `param_groups.<parameter name>.<option>`.
 _PARAM_GROUPS = "param_groups."
-FileDigests = dict[str, tuple[int, str]]
 
 
 def _split(flat: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -140,7 +140,7 @@ def split_by_size(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[d
 
 def write_optimizer_tensors(
     tensors: Mapping[str, torch.Tensor], rest: bytes, out_dir: str | os.PathLike, *, max_file_size: int = OPTIM_FILE_SIZE
-) -> FileDigests:
+) -> Digests:
     """Write whole (unsharded) optimizer state from one process; return digests by file name.
 
     The tensors go through the streaming safetensors writer (hashed while written, fsynced,
@@ -157,7 +157,7 @@ def write_optimizer_tensors(
     groups = split_by_size(tensors, max_file_size)
     names = [dcp_file_name(index, len(groups)) for index in range(1, len(groups) + 1)]
 
-    def write(name: str, group: Mapping[str, torch.Tensor]) -> tuple[int, str]:
+    def write(name: str, group: Mapping[str, torch.Tensor]) -> FileDigest:
         sharding = {fqn: {SAVED_OFFSETS_KEY: [0] * tensor.dim()} for fqn, tensor in group.items()}
         metadata = {DCP_SHARDING_INFO_KEY: json.dumps(sharding), DCP_VERSION_KEY: HF_DCP_VERSION, **DCP_FORMAT_METADATA}
         return write_safetensors(out_dir / name, group, metadata)
@@ -174,7 +174,7 @@ def write_optimizer_tensors(
     return digests
 
 
-def write_optimizer_dcp(snapshot: OptimizerSnapshot, out_dir: str | os.PathLike) -> FileDigests:
+def write_optimizer_dcp(snapshot: OptimizerSnapshot, out_dir: str | os.PathLike) -> Digests:
     """Write the state through DCP's collective `HuggingFaceStorageWriter` (every rank calls it); digests of rank 0's JSON."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -318,7 +318,7 @@ def load_optimizer(
 
     A state that does not fit `optimizer` is refused before anything is loaded (see
     `check_optimizer_fits`). `preloaded` maps file paths to their tensors already in memory
-    (read once while their sha256 was checked); those files are not read again.
+    (read once while their digest was checked); those files are not read again.
     """
     in_dir = Path(in_dir)
     template, rest = _fitting_template(model, optimizer, in_dir)

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import CheckpointError, CorruptCheckpointError
-from .model import FileDigests, check_tensors, read_header_shapes
+from ..digest import Digests
+from .model import check_tensors, read_header_shapes
 from .safetensors_io import write_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,7 +49,7 @@ def active_adapter(model: Any) -> str:
     return names[0]
 
 
-def save_adapter(model: Any, out_dir: str | os.PathLike, *, tokenizer: Any | None = None) -> FileDigests:
+def save_adapter(model: Any, out_dir: str | os.PathLike, *, tokenizer: Any | None = None) -> Digests:
     """Write the adapter of `model` (weights, config, tokenizer) into `out_dir`; return weight digests."""
     from peft import get_peft_model_state_dict
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
+from ..digest import FileDigest
 from ..atomic import HashingWriter
 from ..errors import CorruptCheckpointError, UntrustedPickleError
 from ..layout import safe_join
@@ -80,8 +81,8 @@ def load_pickled_tensors(path: str | os.PathLike, *, trust_pickle: bool) -> dict
     return state
 
 
-def write_torch_bin(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> tuple[int, str]:
-    """`torch.save` a dict of host tensors (nothing else, so `weights_only=True` reads it); return (size, sha256)."""
+def write_torch_bin(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> FileDigest:
+    """`torch.save` a dict of host tensors (nothing else, so `weights_only=True` reads it); return its digest."""
     host = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     with open(path, "wb") as fh:
         writer = HashingWriter(fh)
@@ -89,7 +90,7 @@ def write_torch_bin(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
         torch.save(host, writer)
         fh.flush()
         os.fsync(fh.fileno())
-    return writer.size, writer.sha256
+    return writer.digest
 
 
 # ------------------------------------------------------------------ DCP folders

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..digest import Digests
 from ..atomic import write_bytes
 from ..errors import CorruptCheckpointError
 from ..layout import rollout_files
@@ -48,8 +49,8 @@ def capture_rollout(state: Any, rank: int) -> RolloutSnapshot:
     return RolloutSnapshot(copies, document)
 
 
-def write_rollout(snapshot: RolloutSnapshot, staging: Path, rank: int) -> dict[str, tuple[int, str]]:
-    """Write this rank's files under the checkpoint's staging folder; their (size, sha256) by relative path."""
+def write_rollout(snapshot: RolloutSnapshot, staging: Path, rank: int) -> Digests:
+    """Write this rank's files under the checkpoint's staging folder; their digests by relative path."""
     tensor_file, json_file = rollout_files(rank)
     (staging / tensor_file).parent.mkdir(parents=True, exist_ok=True)
     return {

@@ -20,6 +20,7 @@ from typing import Mapping
 
 import torch
 
+from ..digest import FileDigest
 from ..atomic import PipelinedHashingWriter
 from ..errors import CorruptCheckpointError
 
@@ -44,11 +45,11 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-) -> tuple[int, str]:
-    """Write `tensors` as a safetensors file, fsync it, and return (size, sha256).
+) -> FileDigest:
+    """Write `tensors` as a safetensors file, fsync it, and return its digest.
 
     The bytes are hashed while a helper thread writes them (`PipelinedHashingWriter`), so
-    the sha256 costs no extra pass and, on a disk slower than hashing, no extra time.
+    the digest costs no extra pass and, on a disk slower than hashing, no extra time.
     """
     header: dict[str, object] = {}
     offset = 0
@@ -70,7 +71,7 @@ def write_safetensors(
                     writer.write(tensor_bytes(tensor))
         fh.flush()
         os.fsync(fh.fileno())
-    return writer.size, writer.sha256
+    return writer.digest
 
 
 #: Bits per element of every safetensors dtype.
