@@ -299,65 +299,33 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> FileDigest:
 
 
 def hash_file(path: str | os.PathLike, algorithm: str = RECORDED) -> str:
-    """Hex digest of a file's bytes (`digest.ALGORITHMS`); the next chunk is read while the previous one is hashed."""
-    return read_hashed(path, algorithm, keep=False)[1]
+    """Hex digest of a file's bytes (`digest.ALGORITHMS`), hashed from its memory mapping (`map_file`)."""
+    hasher = new_hasher(algorithm)
+    hasher.update(map_file(path))
+    return hasher.hexdigest()
 
 
-def anonymous_buffer(size: int) -> memoryview:
-    """`size` bytes of fresh memory (writable; `torch.frombuffer` views it without a copy).
+def map_file(path: str | os.PathLike, size: int | None = None) -> memoryview:
+    """The bytes of a file as a private memory mapping: read from the page cache, never copied.
 
-    Anonymous memory asking for transparent huge pages (`MADV_HUGEPAGE`, where the kernel
-    offers it): reading a cold file into 4 KiB pages costs one page fault per 4 KiB, which
-    on a virtual machine made reads several times slower than the disk.
-    """
-    if size == 0:
-        return memoryview(bytearray())
-    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(region, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            region.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    return memoryview(region)
-
-
-def read_hashed(path: str | os.PathLike, algorithm: str = RECORDED, *, keep: bool = True) -> tuple[memoryview | None, str]:
-    """Read a file once, hashing while reading: (its bytes, or None when not `keep`, and their `algorithm` hex digest).
-
-    A helper thread reads chunk i+1 while this thread hashes chunk i (both release the GIL),
-    so the cost is that of the slower of the two, not their sum. With `keep`, the bytes land
-    in one buffer (`anonymous_buffer`), which torch can view without a copy.
+    Reading a file into memory of our own costs the kernel's copy out of the page cache and
+    a zero-filled page per 4 KiB first; a mapping costs neither (measured on a 512 MB file:
+    hashing it took 0.065 s warm / 0.24 s cold through a mapping, 0.21 s / 0.41-0.97 s read
+    into a buffer). The kernel is told to read the whole file ahead. The view is writable
+    (copy-on-write, so `torch.frombuffer` views it without a warning); nothing writes to it.
+    `size`, when given, is what the caller checked the file to be: a file that changed size
+    since raises `OSError` here instead of faulting (SIGBUS) on pages past its end.
     """
     fd = os.open(os.fspath(path), os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        hasher = new_hasher(algorithm)
-        if keep:
-            data = anonymous_buffer(size)
-            pieces = [data[start : start + PIPELINE_CHUNK] for start in range(0, size, PIPELINE_CHUNK)]
-        else:
-            data = None
-            spare = [memoryview(bytearray(min(PIPELINE_CHUNK, size))) for _ in range(2)] if size else []
-            pieces = [spare[i % 2][: min(PIPELINE_CHUNK, size - start)] for i, start in enumerate(range(0, size, PIPELINE_CHUNK))]
-
-        def fill(index: int) -> int:
-            piece, offset, done = pieces[index], index * PIPELINE_CHUNK, 0
-            while done < len(piece):
-                got = os.preadv(fd, [piece[done:]], offset + done)
-                if got == 0:
-                    raise OSError(f"{path}: file shrank while being read")
-                done += got
-            return done
-
-        with ThreadPoolExecutor(1, thread_name_prefix="hf_rl_ckpt-read") as pool:
-            pending: Future | None = pool.submit(fill, 0) if pieces else None
-            for index in range(len(pieces)):
-                assert pending is not None
-                pending.result()
-                pending = pool.submit(fill, index + 1) if index + 1 < len(pieces) else None
-                hasher.update(pieces[index])
-        return data, hasher.hexdigest()
+        actual = os.fstat(fd).st_size
+        if size is not None and actual != size:
+            raise OSError(errno.EIO, f"{path}: {actual} bytes, expected {size} (changed while being read)")
+        if actual == 0:
+            return memoryview(bytearray())
+        region = mmap.mmap(fd, actual, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
+    if hasattr(region, "madvise"):
+        region.madvise(mmap.MADV_WILLNEED)
+    return memoryview(region)

@@ -40,7 +40,7 @@ from .state.rollout import load_rollout
 from .state.safetensors_io import tensors_from_buffer
 from .state.scheduler import load_scheduler
 from .state.sharded import load_sharded
-from .verify import available_memory, read_training_info, read_verified, verify_checkpoint
+from .verify import read_training_info, read_verified, verify_checkpoint
 
 logger = logging.getLogger("hf_rl_ckpt")
 
@@ -306,13 +306,11 @@ class CheckpointLoader:
         """Verify `path` against its manifest (rank 0) and return its training_info and contents on every rank.
 
         In a single process with `verify_on_resume`, the consolidated weight files and the
-        optimizer tensor files (when `load_optimizer`) are not hashed here and read again by
-        the loaders: each is read once into memory while hashed (`read_verified`) into
-        `preloaded`, and the loaders take the tensors from there. All of them are read and
-        checked before anything is loaded, so a damaged checkpoint still modifies nothing;
-        the price is holding those files in memory meanwhile (about what `torch.load` of an
-        optimizer.pt costs), so above half the available memory this falls back to hashing
-        first and loading after (a second read, usually from the page cache).
+        optimizer tensor files (when `load_optimizer`) are memory-mapped and hashed
+        (`read_verified`) into `preloaded`, and the loaders copy the tensors from there
+        instead of reading the files again. All of them are checked before anything is
+        loaded, so a damaged checkpoint still modifies nothing. A mapping holds page cache,
+        not memory of its own, so this needs no memory limit.
         """
 
         def verify() -> tuple[TrainingInfo, Contents]:
@@ -334,15 +332,11 @@ class CheckpointLoader:
 
     @staticmethod
     def _read_once_files(manifest: Mapping[str, Any], weights_folder: str, load_optimizer: bool) -> list[str]:
-        """Manifest names `_verified_info` reads once for the loaders, or [] where hashing them up front is kept."""
+        """Manifest names `_verified_info` maps and checks for the loaders."""
         folders = [OPTIM_DIR] if load_optimizer else []
         if weights_folder in (CONSOLIDATED_DIR, MASTER_DIR):  # read by `load_consolidated` from `preloaded`
             folders.append(weights_folder)
-        names = [name for name in manifest if name.endswith(".safetensors") and any(name.startswith(f + "/") for f in folders)]
-        sizes = [manifest[name].get("size") for name in names]
-        if not all(isinstance(size, int) for size in sizes) or sum(sizes) > available_memory() // 2:
-            return []
-        return names
+        return [name for name in manifest if name.endswith(".safetensors") and any(name.startswith(f + "/") for f in folders)]
 
 
 def optimizer_dir(path: Path, contents: Contents) -> Path:

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Collection, Mapping
 
-from .atomic import hash_file, read_hashed
-from .digest import ALGORITHMS, RECORDED, Digests, FileDigest, recorded_digest
+from .atomic import hash_file, map_file
+from .digest import ALGORITHMS, Digests, FileDigest, new_hasher, recorded_digest
 from .errors import CorruptCheckpointError
 from .layout import FORMAT_VERSION, TRAINING_INFO, safe_join
 from .state.safetensors_io import check_safetensors_header
@@ -150,13 +150,13 @@ def verify_checkpoint(
 
 
 def read_verified(ckpt_dir: str | os.PathLike, manifest: Manifest, relpaths: Collection[str]) -> dict[str, memoryview]:
-    """Read the files `relpaths` of a checkpoint into memory, checking each one's digest while reading it.
+    """Map the files `relpaths` of a checkpoint into memory (`map_file`) and check each one's digest.
 
-    Returns their bytes by absolute path. Every file is read and checked before this
-    returns, so a caller that loads only afterwards still modifies nothing when any file is
-    damaged: each byte is read once, at the price of holding these files in memory until
-    they are loaded. Files are read and hashed in parallel, one per CPU core, biggest first.
-    Raises `CorruptCheckpointError` for a file whose bytes do not match.
+    Returns their bytes by absolute path. Every file is checked before this returns, so a
+    caller that loads only afterwards still modifies nothing when any file is damaged; the
+    loaders then copy the tensors straight out of the page cache the check just filled,
+    with no copy of the files of our own in between. Files are hashed in parallel, one per
+    CPU core, biggest first. Raises `CorruptCheckpointError` for a file whose bytes do not match.
     """
     ckpt_dir = Path(ckpt_dir)
     ordered = sorted(relpaths, key=lambda rel: -int(manifest[rel].get("size") or 0))
@@ -164,8 +164,15 @@ def read_verified(ckpt_dir: str | os.PathLike, manifest: Manifest, relpaths: Col
     def read(rel: str) -> memoryview:
         path, entry = safe_join(ckpt_dir, rel), manifest[rel]
         recorded = recorded_digest(entry)
-        data, digest = read_hashed(path, recorded[0] if recorded else RECORDED)
-        if recorded is None or digest != recorded[1] or len(data) != entry.get("size"):
+        if recorded is None:
+            raise CorruptCheckpointError(path, _digest_problem(entry))
+        try:
+            data = map_file(path, entry.get("size"))
+        except OSError as err:
+            raise CorruptCheckpointError(path, f"cannot be read ({err})") from err
+        hasher = new_hasher(recorded[0])
+        hasher.update(data)
+        if hasher.hexdigest() != recorded[1]:
             raise CorruptCheckpointError(path, _digest_problem(entry))
         return data
 
@@ -174,18 +181,3 @@ def read_verified(ckpt_dir: str | os.PathLike, manifest: Manifest, relpaths: Col
     with ThreadPoolExecutor(min(len(ordered), os.cpu_count() or 1), thread_name_prefix="hf_rl_ckpt-verify") as pool:
         futures = {rel: pool.submit(read, rel) for rel in ordered}
         return {str(safe_join(ckpt_dir, rel)): future.result() for rel, future in futures.items()}
-
-
-def available_memory() -> int:
-    """Bytes of memory the system can give without swapping (Linux `MemAvailable`; free pages elsewhere)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -194,16 +195,17 @@ class _PreloadedReader(HuggingFaceStorageReader):
     def __init__(self, path: str, preloaded: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         super().__init__(path)
         self._preloaded = {os.path.realpath(name): tensors for name, tensors in preloaded.items()}
+        self._file = functools.lru_cache(maxsize=None)(os.path.realpath)  # hundreds of tensors share a few files
 
     def read_data(self, plan, planner) -> Future[None]:
         from_memory, from_disk = [], []
+        files = {item.storage_index: self._file(self.storage_data[item.storage_index].relative_path) for item in plan.items}
         for item in plan.items:
-            name = os.path.realpath(self.storage_data[item.storage_index].relative_path)
-            (from_memory if name in self._preloaded else from_disk).append(item)
+            (from_memory if files[item.storage_index] in self._preloaded else from_disk).append(item)
         if from_disk:
             super().read_data(dataclasses.replace(plan, items=from_disk), planner).wait()
         for item in from_memory:
-            tensors = self._preloaded[os.path.realpath(self.storage_data[item.storage_index].relative_path)]
+            tensors = self._preloaded[files[item.storage_index]]
             slices = tuple(slice(offset, offset + length) for offset, length in zip(item.storage_offsets, item.lengths))
             source = tensors[item.storage_index.fqn][slices]
             target = planner.resolve_tensor(item).detach()
