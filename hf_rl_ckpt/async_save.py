@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterator, Mapping
 
+import numpy
 import torch
 
 from .digest import Digests
@@ -120,6 +122,27 @@ def run_parts(parts: list[SavePart], *, concurrently: bool) -> Iterator[tuple[Di
         yield results[id(part)]
 
 
+#: Niceness of the writer thread (Linux: per thread, inherited by the threads it starts).
+WRITER_NICENESS = 19
+
+
+def _yield_cpu_to_training() -> None:
+    """Let the training threads have the CPU first: the writer runs on what they leave idle.
+
+    Where training keeps every core busy (a CPU job, or data workers saturating the host)
+    the write takes longer; on a GPU node the cores it needs are idle anyway.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the writer keeps the default priority
+        pass
+
+
+def _copy_on_this_thread(target: torch.Tensor, source: torch.Tensor) -> None:
+    """memcpy of a contiguous host tensor on the calling thread (numpy releases the GIL meanwhile)."""
+    numpy.copyto(target.reshape(-1).view(torch.uint8).numpy(), source.reshape(-1).view(torch.uint8).numpy())
+
+
 class StagingBuffer:
     """Host copies of the tensors of async saves, allocated once and refilled in place by later saves.
 
@@ -141,8 +164,13 @@ class StagingBuffer:
         self._buffers: dict[str, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
-    def stage(self, parts: list[SavePart], *, stream: Any = None) -> None:
-        """Replace the `tensors` of `parts` by their host copies (GPU copies on `stream` when given)."""
+    def stage(self, parts: list[SavePart], *, stream: Any = None, background: bool = False) -> None:
+        """Replace the `tensors` of `parts` by their host copies (GPU copies on `stream` when given).
+
+        `background`: called from the writer thread while training runs, so host-to-host
+        copies run on this thread alone (`_copy_on_this_thread`) instead of starting a second
+        team of torch's intra-op threads that would compete with training's for its cores.
+        """
         devices = set()
         with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
             for part in parts:
@@ -157,7 +185,10 @@ class StagingBuffer:
                     buffer = previous.get(name)
                     if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype or buffer.is_pinned() != on_gpu:
                         buffer = torch.empty(source.shape, dtype=source.dtype, device="cpu", pin_memory=on_gpu)
-                    buffer.copy_(source, non_blocking=on_gpu)
+                    if background and not on_gpu and source.is_contiguous():
+                        _copy_on_this_thread(buffer, source)
+                    else:
+                        buffer.copy_(source, non_blocking=on_gpu)
                     if on_gpu:
                         devices.add(source.device)
                     staged[name] = buffer
@@ -235,7 +266,7 @@ class DeferredCopy:
             for device, event in self._events:
                 stream = torch.cuda.Stream(device)
                 stream.wait_event(event)
-            buffer.stage([self.part], stream=stream if len(self._events) == 1 else None)
+            buffer.stage([self.part], stream=stream if len(self._events) == 1 else None, background=True)
         finally:
             self.done.set()
 
@@ -301,6 +332,7 @@ class AsyncCheckpointWriter:
 
     def _run(self, step: int, job: Callable[[], None]) -> None:
         try:
+            _yield_cpu_to_training()
             job()
         except BaseException as err:  # kept for the training thread, which raises it at the next save/finalize
             logger.error("the background save of step %d failed: %s: %s (raised again at the next save() or finalize())",

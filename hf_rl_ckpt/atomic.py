@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import logging
 import mmap
 import os
 import shutil
 import sys
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -196,60 +196,127 @@ class HashingWriter:
         return FileDigest(self.size, self._hasher.hexdigest())
 
 
-class PipelinedHashingWriter(HashingWriter):
-    """A `HashingWriter` whose file writes run on a helper thread while the caller hashes.
+class StreamingFileWriter:
+    """Writes a new file from memory in large chunks, hashing it on the way; `close()` fsyncs it.
 
-    Hashing and file writes both release the GIL on large buffers, so hashing a chunk and
-    writing it overlap: a save costs the slower of the two instead of their sum. Every
-    `WRITEBACK_CHUNK` bytes the helper also asks the kernel (Linux) to start writing them
-    to disk, so the disk works while the rest is hashed and the final fsync has little
-    left to wait for. The data is written from the caller's memory, not copied: what is
-    passed to `write` must stay unchanged until `close()` (or the `with` block) returns,
-    which waits for every write.
+    The bytes are copied into one of two aligned chunk buffers and hashed there, while a
+    helper thread writes the other one (hashing, copies and file writes release the GIL).
+    Where the filesystem allows it the file is opened with `O_DIRECT`: the disk reads the
+    chunk buffers itself, so the kernel neither copies every byte into the page cache nor
+    writes dirty pages back later. That copy was most of the CPU time of a save (measured on
+    1.27 GB: 1.9-2.6 s of system time buffered, 0.4 s in all with `O_DIRECT`), which on a
+    busy host slows the training that an async save runs beside. The last, partial block is
+    written through the page cache (`O_DIRECT` writes whole blocks). Filesystems without
+    `O_DIRECT` (tmpfs, some FUSE mounts) get buffered writes, with writeback started every
+    `WRITEBACK_CHUNK` bytes so that the final fsync has little left to wait for.
+
+    Example:
+        ```py
+        >>> with StreamingFileWriter("weights.bin") as writer:
+        ...     writer.write(header)
+        ...     writer.write(memoryview(array))
+        >>> writer.digest
+        FileDigest(size=..., hexdigest='...')
+        ```
     """
 
-    def __init__(self, fh: BinaryIO, *, chunk: int = PIPELINE_CHUNK, depth: int = 4) -> None:
-        super().__init__(fh)
-        self._chunk, self._depth = chunk, depth
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hf_rl_ckpt-write")
-        self._pending: deque[Future] = deque()
-        self._written = self._flushed = 0
+    #: Alignment `O_DIRECT` asks of buffers, offsets and lengths (the largest logical block size in use).
+    BLOCK = 4096
 
-    def _write_piece(self, piece: memoryview) -> None:
-        """Helper thread: write `piece`; start writeback of what accumulated since the last time."""
-        self._fh.write(piece)
-        self._written += len(piece)
-        if _start_writeback is not None and self._written - self._flushed >= WRITEBACK_CHUNK:
-            self._fh.flush()
-            _start_writeback(self._fh.fileno(), self._flushed, self._written - self._flushed)
-            self._flushed = self._written
+    def __init__(self, path: str | os.PathLike, *, chunk: int = PIPELINE_CHUNK) -> None:
+        self.path = os.fspath(path)
+        self._fd = _open_direct(self.path)
+        self._direct = self._fd is not None
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._buffers = [memoryview(mmap.mmap(-1, chunk)) for _ in range(2)]  # page-aligned, as O_DIRECT needs
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hf_rl_ckpt-write")
+        self._pending: list[Future | None] = [None, None]
+        self._current, self._filled = 0, 0
+        self._hasher = new_hasher()
+        self.size = self._offset = self._flushed = 0
 
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data).cast("B")
-        for start in range(0, len(view), self._chunk):
-            piece = view[start : start + self._chunk]
-            self._pending.append(self._pool.submit(self._write_piece, piece))
-            self._hasher.update(piece)
-            self.size += len(piece)
-            while len(self._pending) > self._depth:
-                self._pending.popleft().result()
+        done = 0
+        while done < len(view):
+            buffer = self._buffers[self._current]
+            if self._filled == 0 and self._pending[self._current] is not None:
+                self._pending[self._current].result()  # the helper still writes this buffer's previous chunk
+            count = min(len(view) - done, len(buffer) - self._filled)
+            buffer[self._filled : self._filled + count] = view[done : done + count]
+            self._hasher.update(buffer[self._filled : self._filled + count])
+            self._filled += count
+            done += count
+            if self._filled == len(buffer):
+                self._submit(len(buffer))
+        self.size += len(view)
         return len(view)
 
-    def close(self) -> None:
-        """Wait for every queued write (raising the first failure) and stop the helper thread."""
-        try:
-            while self._pending:
-                self._pending.popleft().result()
-        finally:
-            for future in self._pending:
-                future.cancel()
-            self._pool.shutdown(wait=True)
+    def _submit(self, count: int) -> None:
+        """Hand the current buffer's first `count` bytes to the helper thread; switch to the other buffer."""
+        self._pending[self._current] = self._pool.submit(self._write_at, self._buffers[self._current][:count], self._offset)
+        self._offset += count
+        self._current, self._filled = 1 - self._current, 0
 
-    def __enter__(self) -> "PipelinedHashingWriter":
+    def _write_at(self, piece: memoryview, offset: int) -> None:
+        while piece:
+            try:
+                written = os.pwrite(self._fd, piece, offset)
+            except OSError as err:
+                if not (self._direct and err.errno == errno.EINVAL):
+                    raise
+                self._buffered()  # a filesystem that took O_DIRECT at open but refuses its writes
+                continue
+            piece, offset = piece[written:], offset + written
+        if not self._direct and _start_writeback is not None and offset - self._flushed >= WRITEBACK_CHUNK:
+            _start_writeback(self._fd, self._flushed, offset - self._flushed)
+            self._flushed = offset
+
+    def close(self) -> None:
+        """Write what is left, wait for every write (raising the first failure), fsync and close the file."""
+        try:
+            whole = self._filled - self._filled % self.BLOCK if self._direct else self._filled
+            tail = bytes(self._buffers[self._current][whole : self._filled])
+            if whole:
+                self._submit(whole)
+            for pending in self._pending:
+                if pending is not None:
+                    pending.result()
+            if tail:
+                if self._direct:  # a partial block cannot be written with O_DIRECT
+                    self._buffered()
+                self._write_at(memoryview(tail), self._offset)
+            os.fsync(self._fd)
+        finally:
+            self._pool.shutdown(wait=True)
+            os.close(self._fd)
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._direct = False
+
+    @property
+    def digest(self) -> FileDigest:
+        return FileDigest(self.size, self._hasher.hexdigest())
+
+    def __enter__(self) -> "StreamingFileWriter":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_direct(path: str) -> int | None:
+    """`path` created for writing with `O_DIRECT`, or None where the platform or filesystem refuses it."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError as err:
+        if err.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> FileDigest:
