@@ -34,7 +34,7 @@ from .faultpoint import faultpoint
 
 logger = logging.getLogger(__name__)
 
-#: Size of the pieces that the pipelined writer and reader hand between hashing and I/O.
+#: Size of the chunk buffers `StreamingFileWriter` hashes and writes (two per file being written).
 PIPELINE_CHUNK = 16 * 1024 * 1024
 
 
