@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from .digest import RECORDED, FileDigest, digest_bytes, new_hasher
+from .digest import RECORDED, FileDigest, digest_bytes, hexdigest, new_hasher
 from .faultpoint import faultpoint
 
 logger = logging.getLogger(__name__)
@@ -367,9 +367,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> FileDigest:
 
 def hash_file(path: str | os.PathLike, algorithm: str = RECORDED) -> str:
     """Hex digest of a file's bytes (`digest.ALGORITHMS`), hashed from its memory mapping (`map_file`)."""
-    hasher = new_hasher(algorithm)
-    hasher.update(map_file(path))
-    return hasher.hexdigest()
+    return hexdigest(map_file(path), algorithm)
 
 
 def map_file(path: str | os.PathLike, size: int | None = None) -> memoryview:

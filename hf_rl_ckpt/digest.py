@@ -57,10 +57,14 @@ def new_hasher(algorithm: str = RECORDED) -> Hasher:
     return ALGORITHMS[algorithm]()
 
 
-def digest_bytes(data: bytes | memoryview) -> FileDigest:
-    hasher = new_hasher()
+def hexdigest(data: bytes | memoryview, algorithm: str = RECORDED) -> str:
+    hasher = new_hasher(algorithm)
     hasher.update(data)
-    return FileDigest(len(memoryview(data).cast("B")), hasher.hexdigest())
+    return hasher.hexdigest()
+
+
+def digest_bytes(data: bytes | memoryview) -> FileDigest:
+    return FileDigest(len(memoryview(data).cast("B")), hexdigest(data))
 
 
 def recorded_digest(entry: Mapping[str, Any]) -> tuple[str, str] | None:

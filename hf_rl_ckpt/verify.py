@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Collection, Mapping
 
 from .atomic import hash_file, map_file
-from .digest import ALGORITHMS, Digests, FileDigest, new_hasher, recorded_digest
+from .digest import ALGORITHMS, Digests, FileDigest, hexdigest, recorded_digest
 from .errors import CorruptCheckpointError
 from .layout import FORMAT_VERSION, TRAINING_INFO, safe_join
 from .state.safetensors_io import check_safetensors_header
@@ -170,9 +170,7 @@ def read_verified(ckpt_dir: str | os.PathLike, manifest: Manifest, relpaths: Col
             data = map_file(path, entry.get("size"))
         except OSError as err:
             raise CorruptCheckpointError(path, f"cannot be read ({err})") from err
-        hasher = new_hasher(recorded[0])
-        hasher.update(data)
-        if hasher.hexdigest() != recorded[1]:
+        if hexdigest(data, recorded[0]) != recorded[1]:
             raise CorruptCheckpointError(path, _digest_problem(entry))
         return data
 
