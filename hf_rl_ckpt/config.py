@@ -99,7 +99,7 @@ class CheckpointConfig:
     higher_is_better: bool = True
     keep_top_k: int | None = None
     model_save_format: Literal["safetensors", "torch_save"] = "safetensors"
-    save_consolidated: bool = True
+    save_consolidated: Literal["every", "final", "never"] | bool = "every"
     save_optimizer: bool = True
     async_save: bool = False
     async_defer_optimizer_copy: bool = True
@@ -149,6 +149,8 @@ class CheckpointConfig:
         self._validate()
 
     def _validate(self) -> None:
+        if isinstance(self.save_consolidated, bool):  # NeMo-RL's and earlier configs' spelling
+            self.save_consolidated = "every" if self.save_consolidated else "never"
         if self.save_period == 0:
             self.save_period = None  # NexRL's save_freq: 0 means "no periodic saves"
         if self.save_period is not None and self.save_period < 0:
@@ -202,6 +204,10 @@ class CheckpointConfig:
             RemoteStore(self.remote_dir, self.remote_storage_options)  # a URL whose filesystem is installed
         if is_remote_url(self.resume.resume_path) and not self.resume.resume_path.startswith("file://"):
             RemoteStore(self.resume.resume_path.rsplit("/", 1)[0], self.remote_storage_options)
+
+    def consolidates(self, *, final: bool) -> bool:
+        """Whether a save writes a sharded model's consolidated folder: every save, the `final` one (end of training, preemption), or none."""
+        return self.save_consolidated == "every" or (self.save_consolidated == "final" and final)
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -11,6 +11,7 @@ ranks: true on every rank if true on one).
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 import uuid
 import warnings
@@ -38,6 +39,11 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def ranks_per_node() -> int:
+    """How many ranks share this node (`LOCAL_WORLD_SIZE`, set by torchrun and accelerate); the world size when unset."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
 
 
 def barrier() -> None:

@@ -234,7 +234,7 @@ class BaseCheckpointManager:
             raise CheckpointNotFoundError(f"no committed checkpoint{f' for step {step}' if step is not None else ''} in {self.layout.root}")
         folder = Contents.of(path).deployable_dir
         if folder is None:
-            raise CheckpointNotFoundError(f"{path} holds model shards only (saved with save_consolidated: false); `hf-rl-ckpt export` it to serve it")
+            raise CheckpointNotFoundError(f"{path} holds model shards only (saved with save_consolidated: never, or final before the last save); `hf-rl-ckpt export` it to serve it")
         return path / folder
 
 
@@ -345,6 +345,7 @@ class CheckpointManager(BaseCheckpointManager):
         extra_files: Mapping[str, bytes] | None = None,
         rollout_state: Any = None,
         policy_version: int | None = None,
+        final: bool = False,
     ) -> Path | None:
         """Write one checkpoint for `step` and commit it atomically; apply top-k retention.
 
@@ -368,6 +369,10 @@ class CheckpointManager(BaseCheckpointManager):
                 `.rollout_state`. Each rank passes its own (or None).
             policy_version: the version (step) of the policy that produced the rollouts in flight,
                 recorded in `training_info.json` and returned by `resume` as `.policy_version`.
+            final: this is the run's last save (the Trainer callback says so at the end of
+                training). With `save_consolidated: final`, a sharded model's consolidated
+                folder is written by this save only (and by a save on preemption or at
+                `checkpoint_must_save_by`, which are final too).
 
         Returns:
             The committed checkpoint directory (None when checkpointing is disabled). With
@@ -391,6 +396,7 @@ class CheckpointManager(BaseCheckpointManager):
         inputs = SaveInputs(
             record=record, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=dataloader, tokenizer=tokenizer,
             extra_files=dict(extra_files or {}), rollout_state=rollout_state,
+            final=final or self._preempted or self._deadline_reached,
         )
         self._writer.drain()
         started = time.perf_counter()

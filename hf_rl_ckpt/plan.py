@@ -21,7 +21,8 @@ from .state.deepspeed import is_partitioned, zero_optimizer
 from .state.model import unwrap_model, weights_dtype
 from .state.optim import OptimizerSnapshot, capture_optimizer
 from .state.peft import is_peft_model
-from .state.sharded import is_sharded
+from .state.consolidate import ConsolidationPlan, plan_consolidation
+from .state.sharded import hf_state_dict, is_sharded
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class SavePlan:
     contents: Contents
     zero: Any = None  # the DeepSpeed ZeRO optimizer, whose partitions every rank writes (instead of `optimizer`)
     consolidated_cast: torch.dtype | None = None  # the dtype model/consolidated is written in when not the training one
+    consolidation: ConsolidationPlan | None = None  # a sharded model's consolidated files, written by every rank from the shards
 
     @property
     def writes_master_weights(self) -> bool:
@@ -87,9 +89,14 @@ class SavePlan:
 
 def plan_save(
     step: int, staging: Path, ranks: distributed.Ranks, *, model: torch.nn.Module, optimizer: Any | None, scheduler: Any | None, dataloader: Any | None,
-    save_optimizer: bool, save_consolidated: bool, rollout: bool, consolidated_dtype: str | None,
+    save_optimizer: bool, save_consolidated: bool, rollout: bool, consolidated_dtype: str | None, max_shard_size: int,
+    shards_visible: bool = True,
 ) -> SavePlan:
     """The plan of one save among `ranks` (every rank makes the same decisions from the same objects).
+
+    `save_consolidated`: a sharded model's consolidated folder is written by this save.
+    `shards_visible=False` (node-local disks): no rank can read the others' shards, so that
+    folder is gathered to rank 0 instead of consolidated from the shards by every rank.
 
     Raises:
         StateMismatchError: the optimizer holds parameters that are not the model's.
@@ -118,7 +125,13 @@ def plan_save(
         rollout=rollout,
         consolidated_dtype=str(cast).removeprefix("torch.") if cast is not None else None,
     )
+    consolidation = None
+    if weights is WeightsFormat.SHARDED and contents.consolidated and shards_visible:
+        consolidation = plan_consolidation(
+            hf_state_dict(kind.module), max_shard_size=max_shard_size, world_size=ranks.world_size,
+            ranks_per_node=distributed.ranks_per_node(), dtype=cast,
+        )
     return SavePlan(
         step=step, staging=staging, rank=ranks.rank, world_size=ranks.world_size, model=kind,
-        optimizer=snapshot, contents=contents, zero=zero, consolidated_cast=cast,
+        optimizer=snapshot, contents=contents, zero=zero, consolidated_cast=cast, consolidation=consolidation,
     )

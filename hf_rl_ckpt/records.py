@@ -47,7 +47,7 @@ class Contents:
     """
 
     weights: WeightsFormat | None
-    consolidated: bool  # model/consolidated is there (always for CONSOLIDATED; for SHARDED unless save_consolidated: false)
+    consolidated: bool  # model/consolidated is there (always for CONSOLIDATED; for SHARDED as save_consolidated says)
     optimizer: OptimizerFormat | None
     scheduler: bool
     dataloader: bool  # per-rank data positions under dataloader/

@@ -199,10 +199,6 @@ DCP_FORMAT_METADATA: dict[str, str] = {_private_attr(_HF_UTILS, "FORMAT_KEY"): _
 HF_DCP_VERSION: str = str(_private_attr(_HF_UTILS, "HF_DCP_VERSION"))
 dcp_file_name: Callable[[int, int], str] = _private_attr(_HF_UTILS, "_gen_file_name")
 
-#: Copies per-rank DCP shards into consolidated safetensors one tensor at a time (no public equivalent).
-consolidate_safetensors_files: Callable[..., None] = _private_attr(
-    "torch.distributed.checkpoint._consolidate_hf_safetensors", "consolidate_safetensors_files"
-)
 #: Rebuilds a nested state dict from DCP's flattened keys and planner data (read side of legacy DCP folders).
 unflatten_state_dict: Callable[..., dict[str, Any]] = _private_attr("torch.distributed.checkpoint._nested_dict", "unflatten_state_dict")
 

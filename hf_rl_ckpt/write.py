@@ -52,7 +52,8 @@ from .state.rng import RngSnapshot, capture_rng
 from .state.rollout import capture_rollout, write_rollout
 from .state.safetensors_io import write_safetensors
 from .state.scheduler import capture_scheduler
-from .state.sharded import save_sharded
+from .state.consolidate import write_index, write_rank_files
+from .state.sharded import hf_state_dict, save_gathered, save_shards
 
 logger = logging.getLogger("hf_rl_ckpt")
 
@@ -70,6 +71,7 @@ class SaveInputs:
     extra_files: dict[str, bytes] = field(default_factory=dict)
     rollout_state: Any = None  # this rank's RL rollout state (see `state.rollout`), None for none
     rng: RngSnapshot | None = None  # RNG streams to record instead of this process's (a converted checkpoint's own)
+    final: bool = False  # the run's last save (end of training, preemption): `save_consolidated: final` writes the folder
 
 
 def _prefixed(folder: str, digests: Mapping[str, FileDigest]) -> Digests:
@@ -133,8 +135,9 @@ class CheckpointWriter:
             faultpoint("save.staged")
             plan = plan_save(
                 step, staging, self.ranks, model=inputs.model, optimizer=inputs.optimizer, scheduler=inputs.scheduler, dataloader=inputs.dataloader,
-                save_optimizer=self.config.save_optimizer, save_consolidated=self.config.save_consolidated,
+                save_optimizer=self.config.save_optimizer, save_consolidated=self.config.consolidates(final=inputs.final),
                 rollout=inputs.rollout_state is not None, consolidated_dtype=self.config.consolidated_dtype,
+                max_shard_size=self.max_shard_size, shards_visible=not self.node_local,
             )
             parts = self._parts(plan, inputs)
         except Exception as err:  # e.g. a dataloader without state_dict(): reported to every rank below
@@ -280,12 +283,14 @@ class CheckpointWriter:
         synchronous one writes them from where they are, holding no second copy). Parts may
         run collectives (DCP) and every rank runs them in the same order.
         """
-        return [
+        parts = [
             self._model_part(plan, inputs.tokenizer, inputs.extra_files),
             self._optimizer_part(plan, inputs.optimizer),
             self._rank_state_part(plan, inputs.scheduler, inputs.dataloader, inputs.rng, inputs.rollout_state),
+            self._consolidation_part(plan),
             SavePart("model card", lambda: self._card_part(plan, inputs.record.metrics), after_others=True),  # reads config.yaml, config.json
         ]
+        return [part for part in parts if part is not None]
 
     def _model_part(self, plan: SavePlan, tokenizer: Any, extra_files: dict[str, bytes]) -> SavePart:
         """The weights: per-rank shards (every rank) + consolidated folder for a sharded model, else rank 0's folder."""
@@ -319,14 +324,22 @@ class CheckpointWriter:
 
             return SavePart("model", write_partitioned, background=False)
         if weights is WeightsFormat.SHARDED:
+            state = hf_state_dict(module)  # DTensors by reference: no data is copied
+            consolidated = staging / CONSOLIDATED_DIR
 
             def write_sharded() -> Digests:
-                consolidated = staging / CONSOLIDATED_DIR if plan.contents.consolidated else None
-                save_sharded(
-                    module, staging / SHARDED_DIR, consolidated, max_shard_size=self.max_shard_size, tokenizer=tokenizer,
-                    shards_visible=not self.node_local, dtype=cast,
-                )
-                return write_extra_files()
+                save_shards(state, staging / SHARDED_DIR)
+                if not plan.contents.consolidated:
+                    return write_extra_files()
+                if self.node_local:
+                    gathered = save_gathered(module, consolidated, max_shard_size=self.max_shard_size, tokenizer=tokenizer, dtype=cast)
+                    return {**_prefixed(CONSOLIDATED_DIR, gathered), **write_extra_files()}
+                if not shared:
+                    return {}
+                # The small files now (a tokenizer must not be saved from another thread); the weights by every rank (`_consolidation_part`).
+                consolidated.mkdir(parents=True, exist_ok=True)
+                save_hf_metadata(module, consolidated, tokenizer, dtype=cast)
+                return {**_prefixed(CONSOLIDATED_DIR, write_index(plan.consolidation, consolidated)), **write_extra_files()}
 
             return SavePart("model", write_sharded, background=False)  # DCP collectives
         if not shared:
@@ -342,6 +355,21 @@ class CheckpointWriter:
             return {**_prefixed(CONSOLIDATED_DIR, consolidated), **write_master_weights(state), **write_extra_files()}
 
         return SavePart("model", write_weights, tensors=deduplicated_state_dict(module))
+
+    def _consolidation_part(self, plan: SavePlan) -> SavePart | None:
+        """A sharded model's consolidated weights, every rank writing its files from the shards on disk (see `state.consolidate`).
+
+        No collectives: with `async_save` it runs on the background thread. It runs after the
+        other parts (`after_others`): the shards it reads are written by the model part.
+        """
+        if plan.consolidation is None:
+            return None
+        staging = plan.staging
+        return SavePart(
+            "consolidated weights",
+            lambda: _prefixed(CONSOLIDATED_DIR, write_rank_files(plan.consolidation, staging / SHARDED_DIR, staging / CONSOLIDATED_DIR, plan.rank)),
+            after_others=True,
+        )
 
     def _optimizer_part(self, plan: SavePlan, optimizer: Any) -> SavePart:
         """The optimizer state: streamed by rank 0 when every rank holds all of it (single process, DDP), else DCP on every rank.

@@ -200,16 +200,24 @@ def test_consolidated_dtype_equal_to_the_training_dtype_writes_no_second_copy(tm
 
 
 def test_sharded_consolidation_casts_the_consolidated_files_only(tmp_path):
-    """The FSDP path: DCP consolidates the shards byte for byte, then the files are rewritten in the export dtype
-    (split by their bf16 sizes, index total fixed); the shards the model resumes from stay fp32."""
-    from hf_rl_ckpt.state.sharded import save_sharded
+    """The FSDP path: the consolidated files are assembled from the shards and written in the export dtype
+    (split by their bf16 sizes, index total as cast); the shards the model resumes from stay fp32."""
+    from hf_rl_ckpt import distributed
+    from hf_rl_ckpt.state.consolidate import plan_consolidation, write_index, write_rank_files
+    from hf_rl_ckpt.state.sharded import hf_state_dict, save_shards
 
     model = build_model("qwen2", seed=3, tie_word_embeddings=True)
-    save_sharded(model, tmp_path / "sharded", tmp_path / "consolidated", max_shard_size=100_000, dtype=torch.bfloat16)
+    state = hf_state_dict(model)
+    with distributed.quiet_single_process_dcp():
+        save_shards(state, tmp_path / "sharded")
+    plan = plan_consolidation(state, max_shard_size=100_000, world_size=1, dtype=torch.bfloat16)
+    write_rank_files(plan, tmp_path / "sharded", tmp_path / "consolidated", 0)
+    write_index(plan, tmp_path / "consolidated")
+    model.config.save_pretrained(tmp_path / "consolidated")
     index = json.loads((tmp_path / "consolidated" / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(param.numel() * 2 for param in model.parameters())
     assert len(set(index["weight_map"].values())) > 1
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "consolidated")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "consolidated", dtype=torch.bfloat16)
     assert loaded.dtype == torch.bfloat16
     assert all(torch.equal(loaded.state_dict()[name], tensor.to(torch.bfloat16)) for name, tensor in model.state_dict().items())
     for path in (tmp_path / "sharded").glob("*.safetensors"):

@@ -219,7 +219,8 @@ def checkpoint_files(ckpt_dir: str | Path, *, include_training_state: bool = Fal
     if folder is None:
         raise CheckpointError(
             f"{ckpt_dir} has no {CONSOLIDATED_DIR}/ or {ADAPTER_DIR}/ to serve from the Hub "
-            "(a sharded model saved with save_consolidated: false); set save_consolidated: true to publish it"
+            "(a sharded model saved with save_consolidated: never, or final before the last save); `hf-rl-ckpt export` it, "
+            "or set save_consolidated: every to publish every checkpoint"
         )
     files = []
     for rel, entry in sorted(manifest.items()):

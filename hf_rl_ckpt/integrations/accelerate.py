@@ -284,6 +284,7 @@ class AccelerateCheckpointing:
         metrics: Mapping[str, Any] | None = None,
         epoch: float | None = None,
         extra_state: Mapping[str, Any] | None = None,
+        final: bool = False,
     ) -> Path | None:
         """Replaces `Accelerator.save_state`: commit one hf_rl_ckpt checkpoint of everything prepared.
 
@@ -291,14 +292,15 @@ class AccelerateCheckpointing:
         `step`, else the one in `output_dir`'s name (`<checkpoint_dir>/step_<N>`), else
         Accelerate's own save counter (`accelerator.save_iteration`). `metrics` rank the
         checkpoint for `keep_top_k`. Everything is safetensors or JSON whatever
-        `safe_serialization` says. Returns the committed directory.
+        `safe_serialization` says. `final`: the run's last save (see `CheckpointManager.save`).
+        Returns the committed directory.
         """
         if not safe_serialization:
             logger.warning("save_state(safe_serialization=False) ignored: hf_rl_ckpt never writes pickles")
         self._check_no_other_hooks(state_pre_hooks(self.accelerator, "save_state"), "save_state")
         step = self._step_for(output_dir) if step is None else step
         extra = {**dict(extra_state or {}), EXTRA_KEY: self._accelerator_state()}
-        path = self.manager.save(step, **self._objects(), metrics=metrics, tokenizer=self.tokenizer, epoch=epoch, extra_state=extra)
+        path = self.manager.save(step, **self._objects(), metrics=metrics, tokenizer=self.tokenizer, epoch=epoch, extra_state=extra, final=final)
         self.accelerator.project_configuration.iteration += 1
         return path
 

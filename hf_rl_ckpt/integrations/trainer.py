@@ -293,7 +293,7 @@ class CheckpointCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if state.global_step > 0 and state.global_step != self._saved_step:
             self._save_owed = True
-        self._save_if_owed(state)
+        self._save_if_owed(state, final=True)
         self._check_metric_logged()
         self.manager.finalize()
 
@@ -305,7 +305,7 @@ class CheckpointCallback(TrainerCallback):
         self._metrics.update(numbers)
         self._logged.update(numbers)
 
-    def _save_if_owed(self, state: TrainerState) -> None:
+    def _save_if_owed(self, state: TrainerState, *, final: bool = False) -> None:
         if not self._save_owed:
             return
         trainer = self._trainer
@@ -321,6 +321,7 @@ class CheckpointCallback(TrainerCallback):
             extra_files={TRAINER_STATE_FILE: trainer_state_json(trainer)},
             rollout_state=self._generation.capture() if self._generation is not None else None,
             policy_version=self._generation.policy_version() if self._generation is not None else None,
+            final=final,
         )
         self._saved_step = step
         self._save_owed = False

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
@@ -51,21 +53,47 @@ def write_safetensors(
     The bytes are hashed while a helper thread writes them (`StreamingFileWriter`, with
     `O_DIRECT` where the filesystem allows it), so the digest costs no extra pass.
     """
+    specs = {name: TensorSpec(tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()}
+    return stream_safetensors(path, specs, tensors.values(), metadata)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a safetensors header says of one tensor: its dtype and shape."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def stream_safetensors(
+    path: str | os.PathLike, specs: Mapping[str, TensorSpec], tensors: Iterable[torch.Tensor], metadata: Mapping[str, str] | None = None,
+) -> FileDigest:
+    """Write a safetensors file whose header is `specs` from `tensors`, produced one at a time in the same order.
+
+    For tensors that do not exist all at once (assembled from shards, cast as they go): the
+    header is written first, from `specs`; each tensor must match its spec (else ValueError,
+    and the caller's staging directory holds a partial file it removes).
+    """
     header: dict[str, object] = {}
     offset = 0
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _DTYPES:
-            raise TypeError(f"tensor '{name}' has dtype {tensor.dtype}, which safetensors cannot store")
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    for name, spec in specs.items():
+        if spec.dtype not in _DTYPES:
+            raise TypeError(f"tensor '{name}' has dtype {spec.dtype}, which safetensors cannot store")
+        header[name] = {"dtype": _DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
     if metadata:
         header["__metadata__"] = dict(metadata)
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
     with StreamingFileWriter(path) as writer:
         writer.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
-        for tensor in tensors.values():
+        for (name, spec), tensor in zip(specs.items(), tensors, strict=True):
+            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                raise ValueError(f"{path}: tensor '{name}' is {tensor.dtype} {tuple(tensor.shape)}, but the header says {spec.dtype} {spec.shape}")
             if tensor.numel():
                 writer.write(tensor_bytes(tensor))
     return writer.digest

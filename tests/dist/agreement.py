@@ -38,7 +38,8 @@ from hf_rl_ckpt import CheckpointConfig, CheckpointManager, CheckpointSaveError,
 from hf_rl_ckpt.errors import CheckpointLockedError
 from hf_rl_ckpt.testing.tiny import build_model, build_tokenizer, toy_lm_dataset
 
-#: (fault point, hit, on which ranks): the hits of `save.part_written` are the model, ..., the model card (the 4th part).
+#: (fault point, hit, on which ranks): the hits of `save.part_written` are the model, ..., the 4th part: the model card
+#: (DDP) or every rank's share of the consolidated weights (FSDP2, written in the background by an async save).
 FAULTS = [
     ("save.staged", 1, "both"), ("save.part_written", 1, "both"), ("save.part_written", 4, "both"),
     ("commit.before_fsync", 1, "rank0"), ("commit.before_rename", 1, "rank0"),
