@@ -7,8 +7,9 @@ Offline (a tiny model is built locally), in a few seconds. Every rank calls `man
 together. Each checkpoint holds:
 - `model/sharded/`: every rank's own slice of the weights, written in parallel (no rank ever
   gathers the full model);
-- `model/consolidated/`: the HF folder assembled from those slices on rank 0, one tensor at
-  a time, which `from_pretrained` and vLLM load (`save_consolidated: false` skips it);
+- `model/consolidated/`: the HF folder assembled from those slices, every rank writing its
+  share of the files, one tensor at a time, which `from_pretrained` and vLLM load
+  (`save_consolidated: final` writes it only in the save marked `final=True`, `never` skips it);
 - `optim/`: the sharded optimizer state; `dataloader/rank_<r>.json` and `rng/rank_<r>.safetensors`.
 
 Stop early with `--stop-at N` (the process exits right after the step-N checkpoint, as a
@@ -79,7 +80,7 @@ def train(args: argparse.Namespace) -> None:
                 print(f"step {step}: loss {mean_loss.item():.4f}", flush=True)
             if manager.should_save(step) or step in (args.stop_at, args.max_steps):
                 manager.save(step, model=model, optimizer=optimizer, scheduler=scheduler, dataloader=loader,
-                             metrics={"loss": mean_loss.item()}, tokenizer=tokenizer)
+                             metrics={"loss": mean_loss.item()}, tokenizer=tokenizer, final=step == args.max_steps)
             if manager.preempted:  # SIGTERM/SIGUSR1 (save_on_preemption): this step is saved on every rank
                 print(f"rank {rank}: preempted, step {step} is saved; run again to resume", flush=True)
                 return

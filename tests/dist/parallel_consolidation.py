@@ -10,12 +10,15 @@ weights to OUT/reference.safetensors, then saves the same state three ways:
   rank's process wrote to storage during each save (`write_bytes` of /proc/self/io, all its
   threads) go to OUT/written.json: their difference is what each rank wrote of the
   consolidated folder.
-- OUT/final: `save_consolidated: final`: step 1 without the folder, step 2 with `final=True`.
+- OUT/final: `save_consolidated: final`: step 1 without the folder; then the last rank gets a
+  real SIGTERM, and step 2, the save on preemption, has it; so does step 3, saved with `final=True`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -72,7 +75,11 @@ def main(out: Path, mode: str, dtype: str | None) -> None:
 
     manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(out / "final"), max_shard_size=MAX_SHARD_SIZE, save_consolidated="final"))
     manager.save(1, model=model, optimizer=optimizer, tokenizer=tokenizer)
-    manager.save(2, model=model, optimizer=optimizer, tokenizer=tokenizer, final=True)
+    if rank == dist.get_world_size() - 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert manager.should_save(2) and manager.preempted
+    manager.save(2, model=model, optimizer=optimizer, tokenizer=tokenizer)
+    manager.save(3, model=model, optimizer=optimizer, tokenizer=tokenizer, final=True)
     manager.finalize()
     if rank == 0:
         (out / "written.json").write_text(json.dumps(gathered))
