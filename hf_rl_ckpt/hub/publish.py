@@ -551,6 +551,9 @@ class HubPublisher:
     def _upload(self, step: int, metrics: Mapping[str, Any], board: Leaderboard) -> CheckpointUpload | None:
         ckpt_dir = self.registry.layout.step_dir(step)
         try:
+            if Contents.of(ckpt_dir).deployable_dir is None:  # shards only (save_consolidated: final, before the last save)
+                logger.debug("Hub: step %d has no folder to serve (save_consolidated: %s); not published", step, self.config.save_consolidated)
+                return None
             files = checkpoint_files(ckpt_dir, include_training_state=self.config.hub_push_training_state)
             card = render_model_card(ckpt_dir, step=step, metrics=metrics, leaderboard=board, repo_id=self.repo_id, revision=branch_for(step))
         except (OSError, CheckpointError) as err:
