@@ -26,6 +26,7 @@ collectives, which the training thread would then have to run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -178,24 +179,23 @@ class _ShardReader:
 
     def __init__(self, sharded_dir: Path) -> None:
         self.folder = sharded_dir
-        self._handles: list = []
+        self._open = contextlib.ExitStack()
         self._slices: dict[str, list[_Slice]] = {}
 
     def __enter__(self) -> "_ShardReader":
-        for path in sorted(self.folder.glob("*.safetensors")):
-            handle = safe_open(os.fspath(path), framework="pt").__enter__()
-            self._handles.append(handle)
-            sharding = json.loads((handle.metadata() or {}).get(DCP_SHARDING_INFO_KEY, "{}"))
-            for name in handle.keys():
-                shape = tuple(handle.get_slice(name).get_shape())
-                offsets = tuple(sharding.get(name, {}).get(SAVED_OFFSETS_KEY, [0] * len(shape)))
-                self._slices.setdefault(name, []).append(_Slice(handle, offsets, shape))
+        with self._open as opened:
+            for path in sorted(self.folder.glob("*.safetensors")):
+                handle = opened.enter_context(safe_open(os.fspath(path), framework="pt"))
+                sharding = json.loads((handle.metadata() or {}).get(DCP_SHARDING_INFO_KEY, "{}"))
+                for name in handle.keys():
+                    shape = tuple(handle.get_slice(name).get_shape())
+                    offsets = tuple(sharding.get(name, {}).get(SAVED_OFFSETS_KEY, [0] * len(shape)))
+                    self._slices.setdefault(name, []).append(_Slice(handle, offsets, shape))
+            self._open = opened.pop_all()  # kept open until __exit__; closed here only if a header could not be read
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.__exit__(None, None, None)
-        self._handles.clear()
+        self._open.close()
 
     def full_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """`name` whole, as trained, assembled from its slices (each stored once: DCP writes a replicated tensor once)."""
