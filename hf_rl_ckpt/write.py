@@ -143,6 +143,8 @@ class CheckpointWriter:
         except Exception as err:  # e.g. a dataloader without state_dict(): reported to every rank below
             error = err
         self._agree(step, staging, error)
+        if plan.model.sharded:
+            self._agree(step, staging, self._consolidation_disagreement(plan))
         request = dataclasses.replace(inputs.record, model=summarize(plan), contents=plan.contents, world_size=plan.world_size, started=started)
         digests: Digests = {}
         here = [part for part in parts if not (in_background and part.background)]
@@ -165,6 +167,22 @@ class CheckpointWriter:
                 error = err
         self._agree(step, staging, error)
         return self.layout.step_dir(step)
+
+    def _consolidation_disagreement(self, plan: SavePlan) -> CheckpointSaveError | None:
+        """An error when the ranks planned different consolidated files (each would write what the others do not expect).
+
+        Every rank plans alone, from the same global shapes, so they agree unless their
+        inputs differ: `final` passed to `save` on some ranks only, or `LOCAL_WORLD_SIZE`
+        differing between nodes. One small all-gather, before anything is written.
+        """
+        fingerprints = self.ranks.all_gather_object(plan.consolidation.fingerprint() if plan.consolidation is not None else None)
+        if len(set(fingerprints)) == 1:
+            return None
+        return CheckpointSaveError(
+            f"the ranks planned different consolidated files for step {plan.step} (rank 0's plan differs from rank "
+            f"{next(rank for rank, fingerprint in enumerate(fingerprints) if fingerprint != fingerprints[0])}'s): pass the same "
+            "`final` to save() on every rank, and launch every node with the same number of ranks (LOCAL_WORLD_SIZE)"
+        )
 
     def _agree(self, step: int, staging: Path, error: Exception | None) -> None:
         """Raise on every rank if any rank failed (rank 0 removes the staging directory first); else return on every rank."""

@@ -97,6 +97,10 @@ def test_every_rank_writes_its_share_of_the_consolidated_folder_identical_to_ran
         last = AutoModelForCausalLM.from_pretrained(final / name / "model" / "consolidated").state_dict()
         assert all(torch.equal(last[key.removeprefix("model.")], tensor) for key, tensor in reference.items()), f"{name} has it, as trained"
 
+    refusals = json.loads((tmp_path / "refusals.json").read_text())
+    assert all(refusal and "planned different consolidated files" in refusal and "same `final`" in refusal for refusal in refusals), refusals
+    assert not list((tmp_path / "disagree").glob("step_*")) and not any((tmp_path / "disagree" / ".incomplete").glob("*")), "nothing written"
+
 
 def test_plan_gives_rank_0_no_more_than_its_fair_share_and_spreads_files_over_nodes():
     state = {f"layers.{i}.weight": torch.empty(64 + 16 * i, 1024, device="meta") for i in range(12)}

@@ -41,7 +41,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 
 from ..atomic import write_bytes
-from ..digest import Digests
+from ..digest import Digests, hexdigest
 from ..errors import CheckpointSaveError
 from ..shims import DCP_SHARDING_INFO_KEY, SAVED_OFFSETS_KEY
 from .model import SAFE_INDEX, SAFE_WEIGHTS, cast_to
@@ -65,6 +65,11 @@ class ConsolidationPlan:
 
     specs: Mapping[str, TensorSpec]
     files: tuple[ConsolidatedFile, ...]
+
+    def fingerprint(self) -> str:
+        """Equal on two ranks exactly when their plans are: what the ranks compare before anyone writes."""
+        described = [[file.name, file.rank, [[name, str(self.specs[name].dtype), self.specs[name].shape] for name in file.tensors]] for file in self.files]
+        return hexdigest(json.dumps(described).encode())
 
     def files_of(self, rank: int) -> tuple[ConsolidatedFile, ...]:
         return tuple(file for file in self.files if file.rank == rank)

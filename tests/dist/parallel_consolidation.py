@@ -12,6 +12,8 @@ weights to OUT/reference.safetensors, then saves the same state three ways:
   consolidated folder.
 - OUT/final: `save_consolidated: final`: step 1 without the folder; then the last rank gets a
   real SIGTERM, and step 2, the save on preemption, has it; so does step 3, saved with `final=True`.
+- OUT/disagree: rank 0 alone passes `final=True`: the ranks' plans differ, and every rank's
+  CheckpointSaveError goes to OUT/refusals.json.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import fully_shard
 
 from dist_helpers import full_state
-from hf_rl_ckpt import CheckpointConfig, CheckpointManager
+from hf_rl_ckpt import CheckpointConfig, CheckpointManager, CheckpointSaveError
 from hf_rl_ckpt.testing.tiny import build_model, build_tokenizer
 
 #: Small enough that the consolidated folder is split into several files, so every rank has some to write.
@@ -81,8 +83,19 @@ def main(out: Path, mode: str, dtype: str | None) -> None:
     manager.save(2, model=model, optimizer=optimizer, tokenizer=tokenizer)
     manager.save(3, model=model, optimizer=optimizer, tokenizer=tokenizer, final=True)
     manager.finalize()
+
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(out / "disagree"), max_shard_size=MAX_SHARD_SIZE, save_consolidated="final"))
+    try:
+        manager.save(1, model=model, optimizer=optimizer, final=rank == 0)  # a loop that says "final" on one rank only
+        refused = None
+    except CheckpointSaveError as err:
+        refused = str(err)
+    manager.finalize()
+    refusals = [None] * dist.get_world_size()
+    dist.all_gather_object(refusals, refused)
     if rank == 0:
         (out / "written.json").write_text(json.dumps(gathered))
+        (out / "refusals.json").write_text(json.dumps(refusals))
     dist.barrier()
     dist.destroy_process_group()
 
