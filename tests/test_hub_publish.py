@@ -433,3 +433,27 @@ def test_retried_uploads_draw_no_progress_bars_in_a_log(server: HubServer, tmp_p
     log = _publish_in_a_child(tmp_path, server.url, attempts=5)
     assert HfApi().file_exists("alice/logged", "model.safetensors", revision="step-1")
     assert b"\r" not in log and b"Upload" not in log and b"model.safetensors:" not in log, log.decode()[-2000:]
+
+
+def test_a_shards_only_checkpoint_is_not_published_and_the_final_one_is(server: HubServer, tmp_path: Path, tokenizer, caplog) -> None:
+    """`save_consolidated: final` on a sharded (FSDP2, one process) model: step 1 has no folder to serve and gets
+    no branch, quietly; step 2, the final save, is published and loads."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = tiny.build_model("llama", seed=2)
+        fully_shard(model)
+        manager = CheckpointManager(hub_config(tmp_path, keep_top_k=None, save_consolidated="final"))
+        with caplog.at_level(logging.ERROR, logger="hf_rl_ckpt"):
+            manager.save(1, model=model, metrics={"val_reward": 0.1}, tokenizer=tokenizer)
+            manager.save(2, model=model, metrics={"val_reward": 0.2}, tokenizer=tokenizer, final=True)
+            manager.finalize()
+    finally:
+        dist.destroy_process_group()
+    assert not (tmp_path / "ckpt" / "step_1" / "model" / "consolidated").exists()
+    assert branches(HfApi()) >= {"step-2"} and "step-1" not in branches(HfApi())
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], "no error for the unpublishable checkpoint"
+    loaded = AutoModelForCausalLM.from_pretrained(snapshot_download(REPO, revision="step-2"))
+    assert torch.equal(loaded.model.norm.weight, tiny.build_model("llama", seed=2).model.norm.weight)
