@@ -265,3 +265,25 @@ def test_custom_manager_with_exactly_the_protocol_saves_and_resumes_a_trainer(tm
     calls = checkpoint_callback(resumed).manager.calls
     assert calls[0] == "resume" and {"load_optimizer_state", "load_rng_state", "should_save", "save", "finalize"} <= set(calls)
     assert sorted(CheckpointLayout(tmp_path / "ckpt").committed_steps()) == [2, 4]
+
+
+def test_save_consolidated_final_writes_the_folder_at_the_end_of_training_only(tmp_path):
+    """An FSDP2-sharded model (one process) under the Trainer: the callback marks its end-of-training save final."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = tiny.build_model("llama", seed=1)
+        fully_shard(model)
+        config = CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), save_period=1, save_consolidated="final")
+        trainer = small_trainer(tmp_path, config, model=model, max_steps=3)
+        trainer.train()
+        trained = {name: tensor.full_tensor().detach().clone() for name, tensor in model.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+    ckpt = tmp_path / "ckpt"
+    assert [(ckpt / f"step_{step}" / "model" / "consolidated").is_dir() for step in (1, 2, 3)] == [False, False, True]
+    assert all((ckpt / f"step_{step}" / "model" / "sharded").is_dir() for step in (1, 2, 3))
+    deployed = AutoModelForCausalLM.from_pretrained(ckpt / "step_3" / "model" / "consolidated").state_dict()
+    assert all(torch.equal(deployed[name], tensor) for name, tensor in trained.items() if name in deployed)
