@@ -7,8 +7,9 @@ folder (`model/consolidated/`) holds the same weights split at `max_shard_size` 
 model twice (read the shards, write the files) through one node per save, while the shards
 themselves shrink with the world size; so the work is shared:
 
-- `plan_consolidation` decides, from the global shapes alone (every rank computes the same
-  plan without a collective), which tensors go in which file and which rank writes each file.
+- `plan_consolidation` decides, from the global shapes alone (no data moves: every rank
+  computes it, and the writer compares the ranks' `fingerprint()`s before anyone writes),
+  which tensors go in which file and which rank writes each file.
   Files are handed out largest first to the least-loaded rank, spreading them over the nodes
   before doubling up on one; rank 0, which also writes the index, config and tokenizer, takes
   a file only while that keeps it within its fair share of the bytes.
