@@ -349,7 +349,7 @@ class CheckpointWriter:
                 save_shards(state, staging / SHARDED_DIR)
                 if not plan.contents.consolidated:
                     return write_extra_files()
-                if self.node_local:
+                if plan.consolidation is None:  # node-local disks: no rank sees the others' shards (see `plan_save`)
                     gathered = save_gathered(module, consolidated, max_shard_size=self.max_shard_size, tokenizer=tokenizer, dtype=cast)
                     return {**_prefixed(CONSOLIDATED_DIR, gathered), **write_extra_files()}
                 if not shared:
