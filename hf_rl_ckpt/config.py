@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import types
@@ -296,9 +297,14 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix}{err}") from err
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config class: evaluated once per class (tens of milliseconds), not per field."""
+    return typing.get_type_hints(cls)
+
+
 def _check_type(cls: type, name: str, value: Any, prefix: str = "") -> None:
-    hints = typing.get_type_hints(cls)
-    expected = hints[name]
+    expected = _field_types(cls)[name]
     if not _matches(value, expected):
         raise ConfigError(
             f"checkpoint config field '{prefix}{name}' must be {_describe(expected)}, got {value!r} ({type(value).__name__})."

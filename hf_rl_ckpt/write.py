@@ -315,8 +315,15 @@ class CheckpointWriter:
         staging, module, shared = plan.staging, plan.model.module, plan.writes_shared_files
         extra_files = dict(extra_files)  # as of this call (an async save writes them later)
 
+        def write_extra_file(name: str, data: bytes) -> FileDigest:
+            path = safe_join(staging, name)
+            # A converted multi-rank checkpoint names rng/rank_<r> here; the rank-state part, which may run at the
+            # same time (one process writes its parts concurrently), creates that folder too.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return write_bytes(path, data)
+
         def write_extra_files() -> Digests:
-            return {name: write_bytes(safe_join(staging, name), data) for name, data in extra_files.items()} if shared else {}
+            return {name: write_extra_file(name, data) for name, data in extra_files.items()} if shared else {}
 
         weights, cast = plan.contents.weights, plan.consolidated_cast
 

@@ -8,12 +8,27 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import HealthCheck, settings
 
+from hf_rl_ckpt.cli import main as cli_main
 from training_objects import make_training_objects
 
 
 @pytest.fixture
 def make_objects():
     return make_training_objects
+
+
+@pytest.fixture
+def cli(capsys):
+    """`hf-rl-ckpt ARGS` run in this process: its exit code, stdout and stderr (a fresh interpreter per call costs
+    seconds; the installed command's own exit codes are checked in a real process by tests/test_cli_full.py)."""
+
+    def run(*args: str) -> SimpleNamespace:
+        capsys.readouterr()
+        returncode = cli_main(list(args))
+        output = capsys.readouterr()
+        return SimpleNamespace(returncode=returncode, stdout=output.out, stderr=output.err)
+
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -28,6 +28,8 @@ from training_objects import make_training_objects
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from dist_helpers import REPO, torchrun  # noqa: E402
 
+pytestmark = pytest.mark.logic
+
 
 def _loop(manager: CheckpointManager, objs, steps: range, signal_at: int | None = None, signum: int = signal.SIGTERM) -> list[int]:
     """Train over `steps`, sending this process `signum` during step `signal_at`; the steps saved, stopping when preempted."""

@@ -26,6 +26,8 @@ from hf_rl_ckpt.errors import CheckpointSaveError
 from hf_rl_ckpt.layout import TRAINING_INFO
 from hf_rl_ckpt.state.optim import capture_optimizer
 
+pytestmark = pytest.mark.logic
+
 TESTS = Path(__file__).parent
 
 

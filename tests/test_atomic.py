@@ -16,6 +16,8 @@ from hf_rl_ckpt.atomic import StreamingFileWriter, atomic_directory, atomic_writ
 from hf_rl_ckpt.digest import digest_bytes
 from hf_rl_ckpt.faultpoint import REPLACE_POINTS
 
+pytestmark = pytest.mark.logic
+
 OLD = {"config.json": "old", "model.safetensors": "old weights"}
 NEW = {"config.json": "new", "model.safetensors": "new weights", "tokenizer.json": "new tokenizer"}
 

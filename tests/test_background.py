@@ -10,6 +10,8 @@ import pytest
 from hf_rl_ckpt import CheckpointConfig, ConfigError
 from hf_rl_ckpt.background import BackgroundWorker, RetryPolicy
 
+pytestmark = pytest.mark.logic
+
 NO_WAIT = RetryPolicy(attempts=3, initial_delay=0, max_delay=0)
 
 

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from hf_rl_ckpt import CheckpointConfig, ConfigError
 from hf_rl_ckpt.layout import CheckpointLayout
 
+pytestmark = pytest.mark.logic
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

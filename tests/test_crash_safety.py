@@ -14,6 +14,8 @@ import pytest
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, verify_checkpoint
 from hf_rl_ckpt.cli import list_rows
 
+pytestmark = pytest.mark.logic
+
 CHILD = Path(__file__).with_name("_crash_child.py")
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from hf_rl_ckpt import CheckpointCommitted, CheckpointConfig, CheckpointEvicted, CheckpointManager, Subscriber
+
+pytestmark = pytest.mark.logic
 
 
 class Recorder(Subscriber):

@@ -12,6 +12,8 @@ import pytest
 from hf_rl_ckpt import faultpoint
 from hf_rl_ckpt.testing.crash import parse_point
 
+pytestmark = pytest.mark.logic
+
 
 @pytest.fixture(autouse=True)
 def disarmed():

@@ -72,6 +72,8 @@ from training_objects import make_training_objects
 sys.path.insert(0, str(Path(__file__).with_name("faults")))
 from faultlib import Zygote, reported  # noqa: E402
 
+pytestmark = pytest.mark.logic
+
 #: The default run: small enough for CI on two shared cores, derandomized so CI is reproducible.
 DEFAULT_SETTINGS = settings(
     max_examples=16, stateful_step_count=25, deadline=None, derandomize=True, database=None, print_blob=False,

@@ -11,6 +11,8 @@ from hf_rl_ckpt.cli import main
 from hf_rl_ckpt.errors import CheckpointError
 from hf_rl_ckpt.plot import plot_run
 
+pytestmark = pytest.mark.logic
+
 
 def test_plot_draws_every_save_and_the_retained_top_k(tmp_path, make_objects):
     objs = make_objects()

@@ -12,6 +12,8 @@ from hf_rl_ckpt import CheckpointConfig, CheckpointManager
 from hf_rl_ckpt.errors import CheckpointError
 from hf_rl_ckpt.retention import RetentionPolicy, metric_value
 
+pytestmark = pytest.mark.logic
+
 
 def _replay(policy: RetentionPolicy, sequence: list[tuple[int, float | None]]) -> set[int]:
     """Apply the policy after each save, as the manager does, and return what survives."""

@@ -13,6 +13,8 @@ import pytest
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, ConfigError
 from hf_rl_ckpt.cli import list_rows
 
+pytestmark = pytest.mark.logic
+
 
 def test_a_checkpoint_deleted_by_hand_mid_run_does_not_stop_retention(tmp_path, make_objects, caplog):
     """rm -r of one checkpoint while the run goes on: the next saves still index themselves and evict as configured.

@@ -5,14 +5,12 @@ directory that changes under a running manager."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+
+import pytest
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager
 
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hf_rl_ckpt.cli", *args], capture_output=True, text=True, timeout=120)
+pytestmark = pytest.mark.logic
 
 
 def _names(root) -> list[str]:
@@ -20,7 +18,7 @@ def _names(root) -> list[str]:
 
 
 # ------------------------------------------------------------------ checkpoint_name_template with a format spec
-def test_zero_padded_name_template_is_seen_by_latest_resume_list_and_a_restart(tmp_path, make_objects):
+def test_zero_padded_name_template_is_seen_by_latest_resume_list_and_a_restart(tmp_path, make_objects, cli):
     config = CheckpointConfig(checkpoint_dir=str(tmp_path), checkpoint_name_template="ckpt_{step:06d}")
     objs = make_objects()
     manager = CheckpointManager(config)
@@ -36,7 +34,7 @@ def test_zero_padded_name_template_is_seen_by_latest_resume_list_and_a_restart(t
     assert restarted.resume(**make_objects(seed=3).as_kwargs()).step == 2
     restarted.finalize()
 
-    listed = json.loads(_cli("list", str(tmp_path), "--json").stdout)
+    listed = json.loads(cli("list", str(tmp_path), "--json").stdout)
     assert [(row["step"], row["name"]) for row in listed] == [(1, "ckpt_000001"), (2, "ckpt_000002")]
 
 
@@ -65,7 +63,7 @@ def test_rollback_keeps_the_new_timeline_and_auto_resume_follows_it(tmp_path, ma
     assert [row.step for row in after_crash.checkpoints()] == [20, 25]
 
 
-def test_auto_resume_follows_the_most_recent_commit_over_a_higher_step(tmp_path, make_objects):
+def test_auto_resume_follows_the_most_recent_commit_over_a_higher_step(tmp_path, make_objects, cli):
     objs = make_objects()
     manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path)))
     for step in (10, 20, 30):
@@ -75,7 +73,7 @@ def test_auto_resume_follows_the_most_recent_commit_over_a_higher_step(tmp_path,
     assert manager.latest() == tmp_path / "step_15"
     manager.finalize()
     assert CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path))).resume(**make_objects().as_kwargs()).step == 15
-    rows = json.loads(_cli("list", str(tmp_path), "--json").stdout)
+    rows = json.loads(cli("list", str(tmp_path), "--json").stdout)
     assert [row["step"] for row in rows] == [10, 20, 30, 15], "list shows the commit order"
 
 

@@ -16,6 +16,8 @@ import torch
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, CheckpointSaveError, verify_checkpoint
 
+pytestmark = pytest.mark.logic
+
 FRACTIONS_FREE = (0.0, 0.01, 0.2, 0.5, 0.8, 0.95)
 
 

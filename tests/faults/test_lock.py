@@ -14,6 +14,8 @@ from hf_rl_ckpt import CheckpointConfig, CheckpointManager
 from hf_rl_ckpt.cli import main as cli_main
 from hf_rl_ckpt.lock import CheckpointLockedError
 
+pytestmark = pytest.mark.logic
+
 
 def test_second_process_is_refused_and_a_killed_holders_lock_is_recovered(tmp_path, zygote, caplog):
     ckpt, ready = tmp_path / "ckpt", tmp_path / "ready"

@@ -14,6 +14,8 @@ import pytest
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, CheckpointSaveError
 from hf_rl_ckpt.cli import main as cli_main
 
+pytestmark = pytest.mark.logic
+
 
 def _tree(root):
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(root.rglob("*"))}
