@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -106,48 +107,88 @@ AGREEMENT = Path(__file__).parent / "dist" / "agreement.py"
 MATRIX_CASES = 4 * (5 + 3)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_a_failure_at_any_fault_point_on_any_rank_fails_the_save_on_every_rank_and_keeps_the_previous(tmp_path, nproc):
-    torchrun(AGREEMENT, nproc, "faults", str(tmp_path / "runs"), str(tmp_path), timeout=300)
+def launch(nproc: int, *scenarios: dict, timeout: float) -> str:
+    """One torchrun of tests/dist/agreement.py running `scenarios` in turn (each launch costs seconds of start-up)."""
+    return torchrun(AGREEMENT, nproc, json.dumps([{**scenario, "paths": [str(path) for path in scenario["paths"]]} for scenario in scenarios]),
+                    timeout=timeout)
+
+
+def assert_passed(output: str, name: str, nproc: int) -> None:
+    """Scenario `name` ended well on every rank; else its own failure, as the rank reported it."""
     for rank in range(nproc):
-        rows = [json.loads(line) for line in (tmp_path / f"rank_{rank}.jsonl").read_text().splitlines()]
+        failed = output.find(f"rank {rank}: {name} FAILED")
+        assert failed < 0, f"scenario {name} failed on rank {rank}:\n{output[failed:failed + 6000]}"
+        assert f"rank {rank}: {name} OK" in output, f"scenario {name} did not end on rank {rank}:\n{output[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One 2-rank launch: a locked run directory, skewed clocks, the uninterrupted DDP run, the fault matrix, a stalled rank."""
+    work = tmp_path_factory.mktemp("agreement")
+    locked = work / "locked"
+    locked.mkdir()
+    holder = subprocess.Popen(  # another live job (not an ancestor of the ranks, whose lock they would share)
+        [sys.executable, "-c", "import sys, time; from hf_rl_ckpt.lock import DirectoryLock; lock = DirectoryLock(sys.argv[1]); lock.acquire(); "
+         "print('held', flush=True); time.sleep(300)", str(locked)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        output = launch(
+            2,
+            {"name": "lock", "mode": "lock", "paths": [locked]},
+            {"name": "skew", "mode": "skew", "paths": [work / "skew"]},
+            {"name": "straight", "mode": "train", "paths": [work / "straight", work / "straight.jsonl"]},
+            {"name": "faults", "mode": "faults", "paths": [work / "runs", work / "faults"]},
+            {"name": "stall", "mode": "faults", "paths": [work / "stalled", work / "stalled"], "stall": True},
+            timeout=600,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    return SimpleNamespace(work=work, output=output)
+
+
+def _assert_fault_matrix(output: str, results: Path, nproc: int) -> None:
+    assert_passed(output, "faults", nproc)
+    for rank in range(nproc):
+        rows = [json.loads(line) for line in (results / f"rank_{rank}.jsonl").read_text().splitlines()]
         assert len(rows) == MATRIX_CASES
         bad = [row for row in rows if not (
             row["error"] and row["names_target"] and row["seconds"] < 60 and row["latest"] == "step_1"
             and not row["committed"] and not row["leftovers"]
         )]
         assert not bad, f"rank {rank}: {bad[:3]}"
-    if nproc == 2:  # a rank that stalls past async_rank_timeout fails the async save on every rank instead of hanging it
-        torchrun(AGREEMENT, nproc, "faults", str(tmp_path / "stalled"), str(tmp_path / "stalled"), "--stall", timeout=180)
-        for rank in range(nproc):
-            (row,) = [json.loads(line) for line in (tmp_path / "stalled" / f"rank_{rank}.jsonl").read_text().splitlines()]
-            assert "not every rank reported its part" in row["error"] and "async_rank_timeout is 8s" in row["error"], row
-            assert row["seconds"] < 60 and row["latest"] == "step_1" and not row["leftovers"], row
 
 
 @pytest.mark.slow
-def test_ranks_whose_clocks_started_apart_write_one_checkpoint_at_one_step(tmp_path):
-    output = torchrun(AGREEMENT, 2, "skew", str(tmp_path / "run"), timeout=120)
-    assert output.count("skew OK") == 2
+def test_a_failure_at_any_fault_point_on_any_rank_fails_the_save_on_every_rank_and_keeps_the_previous(two_ranks):
+    _assert_fault_matrix(two_ranks.output, two_ranks.work / "faults", 2)
 
 
 @pytest.mark.slow
-def test_a_locked_checkpoint_dir_fails_the_constructor_on_every_rank(tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    holder = subprocess.Popen(  # another live job (not an ancestor of the ranks, whose lock they would share)
-        [sys.executable, "-c", "import sys, time; from hf_rl_ckpt.lock import DirectoryLock; lock = DirectoryLock(sys.argv[1]); lock.acquire(); "
-         "print('held', flush=True); time.sleep(300)", str(run_dir)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        output = torchrun(AGREEMENT, 2, "lock", str(run_dir), timeout=120)
-        assert output.count("lock OK") == 2
-    finally:
-        holder.kill()
-        holder.wait()
+def test_a_failure_at_any_fault_point_on_any_of_4_ranks_fails_the_save_on_every_rank(tmp_path):
+    output = launch(4, {"name": "faults", "mode": "faults", "paths": [tmp_path / "runs", tmp_path]}, timeout=300)
+    _assert_fault_matrix(output, tmp_path, 4)
+
+
+@pytest.mark.slow
+def test_a_rank_that_stalls_past_async_rank_timeout_fails_the_async_save_on_every_rank_instead_of_hanging_it(two_ranks):
+    assert_passed(two_ranks.output, "stall", 2)
+    for rank in range(2):
+        (row,) = [json.loads(line) for line in (two_ranks.work / "stalled" / f"rank_{rank}.jsonl").read_text().splitlines()]
+        assert "not every rank reported its part" in row["error"] and "async_rank_timeout is 8s" in row["error"], row
+        assert row["seconds"] < 60 and row["latest"] == "step_1" and not row["leftovers"], row
+
+
+@pytest.mark.slow
+def test_ranks_whose_clocks_started_apart_write_one_checkpoint_at_one_step(two_ranks):
+    assert_passed(two_ranks.output, "skew", 2)
+
+
+@pytest.mark.slow
+def test_a_locked_checkpoint_dir_fails_the_constructor_on_every_rank(two_ranks):
+    assert_passed(two_ranks.output, "lock", 2)
 
 
 def _losses(log: Path) -> dict[int, float]:
@@ -155,18 +196,23 @@ def _losses(log: Path) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_sigterm_on_one_rank_saves_once_on_every_rank_exits_0_and_resumes_exactly(tmp_path):
-    torchrun(AGREEMENT, 2, "train", str(tmp_path / "straight"), str(tmp_path / "straight.jsonl"), timeout=180)
-    reference = _losses(tmp_path / "straight.jsonl")
+def test_sigterm_on_one_rank_saves_once_on_every_rank_exits_0_and_resumes_exactly(two_ranks, tmp_path):
+    assert_passed(two_ranks.output, "straight", 2)
+    reference = _losses(two_ranks.work / "straight.jsonl")
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]
-    for mode in ([], ["--async"]):
-        name = f"preempted{'-async' if mode else ''}"
-        run_dir, log = tmp_path / name, tmp_path / f"{name}.jsonl"
-        output = torchrun(AGREEMENT, 2, "train", str(run_dir), str(log), "--sigterm-at", "3", *mode, timeout=180)  # exit 0
-        assert "saved step 3 and stopped" in output and output.count("train OK") == 2
+    runs = {name: (tmp_path / name, tmp_path / f"{name}.jsonl", mode) for name, mode in (("preempted", False), ("preempted-async", True))}
+    preempted = launch(2, *({"name": name, "mode": "train", "paths": [run_dir, log], "sigterm_at": 3, "async": mode}
+                            for name, (run_dir, log, mode) in runs.items()), timeout=300)  # exits 0
+    for name, (run_dir, _, _) in runs.items():
+        assert_passed(preempted, name, 2)
+        assert f"{name}: saved step 3 and stopped" in preempted
         assert CheckpointLayout(run_dir).latest().name == "step_3" and sorted(CheckpointLayout(run_dir).committed_steps()) == [2, 3]
         assert verify_checkpoint(run_dir / "step_3")["world_size"] == 2
-        assert "resumed from step 3" in torchrun(AGREEMENT, 2, "train", str(run_dir), str(log), *mode, timeout=180)
-        assert _losses(log) == reference, mode
-        final = [load_file(str(path / "step_6" / "model" / "consolidated" / "model.safetensors")) for path in (tmp_path / "straight", run_dir)]
-        assert all(torch.equal(final[0][name], final[1][name]) for name in final[0]), mode
+    resumed = launch(2, *({"name": name, "mode": "train", "paths": [run_dir, log], "async": mode} for name, (run_dir, log, mode) in runs.items()),
+                     timeout=300)
+    for name, (run_dir, log, _) in runs.items():
+        assert_passed(resumed, name, 2)
+        assert f"{name}: resumed from step 3" in resumed
+        assert _losses(log) == reference, name
+        final = [load_file(str(path / "step_6" / "model" / "consolidated" / "model.safetensors")) for path in (two_ranks.work / "straight", run_dir)]
+        assert all(torch.equal(final[0][key], final[1][key]) for key in final[0]), name

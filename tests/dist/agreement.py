@@ -1,20 +1,25 @@
 """Ranks that agree on every decision and never hang, launched by tests/test_agreement.py through torchrun (gloo).
 
-    torchrun --nproc_per_node N agreement.py lock RUN_DIR            # RUN_DIR locked by another live process
-    torchrun --nproc_per_node 2 agreement.py skew RUN_DIR            # rank clocks 2 s apart, checkpoint_must_save_by
-    torchrun --nproc_per_node 2 agreement.py train RUN_DIR LOG [--sigterm-at STEP] [--async]
-    torchrun --nproc_per_node N agreement.py faults RUN_DIR RESULTS [--stall]
+    torchrun --nproc_per_node N agreement.py SCENARIOS    # a JSON list, run in turn by every rank:
+        {"name": NAME, "mode": "lock", "paths": [RUN_DIR]}                        # RUN_DIR locked by another live process
+        {"name": NAME, "mode": "skew", "paths": [RUN_DIR]}                        # rank clocks 2 s apart, checkpoint_must_save_by
+        {"name": NAME, "mode": "train", "paths": [RUN_DIR, LOG], "sigterm_at": STEP, "async": true}   # the last two optional
+        {"name": NAME, "mode": "faults", "paths": [RUN_DIR, RESULTS], "stall": true}                  # "stall" optional
 
 `lock`: every rank raises CheckpointLockedError from the constructor. `skew`: rank 1 builds its
 manager 2 s after rank 0, so their clocks differ; exactly one checkpoint is written, by both
 ranks at one step. `train`: a DDP loop with `save_period: 2` and resume `auto`, logging each
-step's loss (rank 0, JSONL); with `--sigterm-at`, the last rank sends itself a real SIGTERM
-during that step and every rank must save that step, stop and exit 0. `faults`: the fault
+step's loss (rank 0, JSONL); with `sigterm_at`, the last rank sends itself a real SIGTERM
+during that step and every rank must save that step and stop (the launch exits 0). `faults`: the fault
 matrix (DDP and FSDP2, sync and async): an exception injected at each fault point on rank 0
 and on the last rank must fail the save on every rank naming the failed rank, within 60 s,
 leave nothing committed and step 1 loadable (and a load that fails on the last rank only must
-raise on every rank); `--stall` instead holds the last rank's async
+raise on every rank); `stall` instead holds the last rank's async
 write past `async_rank_timeout`. Each rank appends one JSON line per case to RESULTS/rank_<r>.jsonl.
+
+One launch runs several scenarios (each launch pays seconds of start-up on a small machine). Every rank prints
+`rank R: NAME OK`, or `rank R: NAME FAILED` with the traceback, for each scenario, and goes on to the next one:
+each test reads its own scenario's lines. Output a scenario prints is prefixed with its name.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import os
 import signal
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -94,7 +100,7 @@ def skewed_clocks(run_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- preempted training loop
-def train(run_dir: Path, log: Path, sigterm_at: int | None, in_background: bool) -> None:
+def train(name: str, run_dir: Path, log: Path, sigterm_at: int | None = None, in_background: bool = False) -> None:
     tokenizer = build_tokenizer()
     model = DistributedDataParallel(build_model("llama", seed=0, dropout=0.1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -107,7 +113,7 @@ def train(run_dir: Path, log: Path, sigterm_at: int | None, in_background: bool)
     state = manager.resume(**objects)
     step = state.step if state else 0
     if state and rank() == 0:
-        print(f"resumed from step {step}", flush=True)
+        print(f"{name}: resumed from step {step}", flush=True)
     signalled = None
     while step < 6 and not manager.preempted:
         for batch in loader:
@@ -135,7 +141,7 @@ def train(run_dir: Path, log: Path, sigterm_at: int | None, in_background: bool)
     if sigterm_at is not None:
         assert manager.preempted and step == sigterm_at, (manager.preempted, step)
         if signalled is not None:
-            print(f"rank {rank()}: saved step {step} and stopped {time.monotonic() - signalled:.2f}s after SIGTERM", flush=True)
+            print(f"rank {rank()}: {name}: saved step {step} and stopped {time.monotonic() - signalled:.2f}s after SIGTERM", flush=True)
 
 
 # ---------------------------------------------------------------- fault matrix
@@ -182,7 +188,8 @@ def failed_save(manager: CheckpointManager, step: int, objects: dict) -> tuple[s
     return None, time.monotonic() - started
 
 
-def fault_matrix(run_root: Path, results: Path, stall: bool) -> None:
+def fault_matrix(run_root: Path, results: Path, stall: bool = False) -> None:
+    results.mkdir(parents=True, exist_ok=True)
     out = results / f"rank_{rank()}.jsonl"
     combos = [("ddp", True)] if stall else [(wrap, background) for wrap in ("ddp", "fsdp") for background in (False, True)]
     for wrap, background in combos:
@@ -230,28 +237,35 @@ def fault_matrix(run_root: Path, results: Path, stall: bool) -> None:
         gc.collect()
 
 
+def run_scenario(scenario: dict) -> None:
+    paths = [Path(path) for path in scenario["paths"]]
+    if scenario["mode"] == "lock":
+        check_lock(*paths)
+    elif scenario["mode"] == "skew":
+        skewed_clocks(*paths)
+    elif scenario["mode"] == "train":
+        train(scenario["name"], *paths, scenario.get("sigterm_at"), scenario.get("async", False))
+    else:
+        fault_matrix(*paths, scenario.get("stall", False))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("lock", "skew", "train", "faults"))
-    parser.add_argument("paths", nargs="+", type=Path)
-    parser.add_argument("--sigterm-at", type=int)
-    parser.add_argument("--async", dest="in_background", action="store_true")
-    parser.add_argument("--stall", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("scenarios", type=json.loads, help="a JSON list of scenarios (see the module docstring)")
+    scenarios = parser.parse_args().scenarios
     dist.init_process_group("gloo")
     try:
-        if args.mode == "lock":
-            check_lock(*args.paths)
-        elif args.mode == "skew":
-            skewed_clocks(*args.paths)
-        elif args.mode == "train":
-            train(*args.paths, args.sigterm_at, args.in_background)
-        else:
-            fault_matrix(*args.paths, args.stall)
-        print(f"rank {rank()}: {args.mode} OK", flush=True)
-        # Every rank done with every collective before any tears the groups down: a gloo send still in flight when
-        # its peer closes the connection can abort the process at exit (seen once in CI, after the checks passed).
-        dist.barrier()
+        for scenario in scenarios:
+            try:
+                run_scenario(scenario)
+            except Exception:  # reported for this scenario's test; the next scenarios still run
+                print(f"rank {rank()}: {scenario['name']} FAILED\n{traceback.format_exc()}", flush=True)
+            else:
+                print(f"rank {rank()}: {scenario['name']} OK", flush=True)
+            # Every rank done with every collective of this scenario before the next one starts, and before any tears
+            # the groups down: a gloo send still in flight when its peer closes the connection can abort the process
+            # at exit (seen once in CI, after the checks passed).
+            dist.barrier()
     finally:
         gc.collect()  # see examples/fsdp_custom_loop.py
         dist.destroy_process_group()
