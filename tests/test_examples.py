@@ -20,6 +20,8 @@ import pytest
 from hf_rl_ckpt.cli import list_rows
 from hf_rl_ckpt.cli import main as cli
 
+pytestmark = pytest.mark.multiprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 

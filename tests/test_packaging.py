@@ -82,9 +82,9 @@ def _imports(path: Path, seen: set[Path]) -> set[str]:
     return names
 
 
-def _is_logic_module(tree: ast.Module) -> bool:
+def _module_marks(tree: ast.Module, mark: str) -> bool:
     return any(
-        isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["pytestmark"] and "mark.logic" in ast.unparse(node.value)
+        isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["pytestmark"] and f"mark.{mark}" in ast.unparse(node.value)
         for node in tree.body
     )
 
@@ -96,7 +96,7 @@ def test_logic_modules_import_nothing_the_oldest_releases_run_exists_to_check():
         marked_elsewhere = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
                             and any("mark.logic" in ast.unparse(d) for d in node.decorator_list)]
         assert not marked_elsewhere, f"{path.name}:{marked_elsewhere}: `logic` marks whole modules (pytestmark), so the file says which run has it"
-        if not _is_logic_module(tree):
+        if not _module_marks(tree, "logic"):
             continue
         logic.append(path.name)
         versioned = sorted(name for name in _imports(path, set()) if any(name == prefix or name.startswith(prefix + ".") for prefix in VERSIONED_IMPORTS))
@@ -104,3 +104,25 @@ def test_logic_modules_import_nothing_the_oldest_releases_run_exists_to_check():
         fixtures = sorted({arg.arg for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) for arg in node.args.args} & VERSIONED_FIXTURES)
         assert not fixtures, f"{path.relative_to(ROOT)} is marked logic but uses the fixtures {fixtures} (a versioned service)"
     assert "test_retention.py" in logic and "test_trainer_callback.py" not in logic, logic
+
+
+def _launches_process_groups(tree: ast.Module) -> bool:
+    """Calls the suite's `torchrun` helper, or runs `python -m torch.distributed.run` itself."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+            if name == "torchrun" or any(isinstance(arg, ast.Constant) and arg.value == "torch.distributed.run" for arg in node.args):
+                return True
+    return False
+
+
+def test_every_module_that_launches_process_groups_is_marked_multiprocess():
+    """Parallel workers run `multiprocess` modules one test at a time (tests/conftest.py): an unmarked launcher could
+    run its ranks beside another module's and oversubscribe both into their time-outs."""
+    launchers = []
+    for path in sorted(TESTS.rglob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        if _launches_process_groups(tree):
+            launchers.append(path.name)
+            assert _module_marks(tree, "multiprocess"), f"{path.relative_to(ROOT)} launches torchrun but is not marked multiprocess"
+    assert "test_deepspeed.py" in launchers and "test_examples.py" in launchers, launchers
