@@ -16,8 +16,8 @@ from training_objects import make_training_objects
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the groups into the ids it schedules by
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under parallel workers, a test module runs whole on one worker, so its module-scoped set-up (a trained run, a
-    checkpoint) is built once; and every `multiprocess` module (torchrun launches of 2-4 ranks) runs on one and the
-    same worker, one test at a time, so two process groups never share the cores (their ranks' time-outs stay true)."""
+    checkpoint) is built once; and every `multiprocess` test (torchrun launches of 2-4 ranks) runs on one and the
+    same worker, one at a time, so two process groups never share the cores (their ranks' time-outs stay true)."""
     for item in items:
         group = "multiprocess" if item.get_closest_marker("multiprocess") else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))

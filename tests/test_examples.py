@@ -20,8 +20,6 @@ import pytest
 from hf_rl_ckpt.cli import list_rows
 from hf_rl_ckpt.cli import main as cli
 
-pytestmark = pytest.mark.multiprocess
-
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
@@ -83,6 +81,7 @@ def test_grpo_trl(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_fsdp_custom_loop_saves_at_world_size_2_and_resumes_at_1(tmp_path: Path) -> None:
     script = str(EXAMPLES / "fsdp_custom_loop.py")
     common = ["--output-dir", str(tmp_path), "--max-steps", "4", "--save-every", "2"]

@@ -106,7 +106,7 @@ def test_logic_modules_import_nothing_the_oldest_releases_run_exists_to_check():
     assert "test_retention.py" in logic and "test_trainer_callback.py" not in logic, logic
 
 
-def _launches_process_groups(tree: ast.Module) -> bool:
+def _launches_process_groups(tree: ast.AST) -> bool:
     """Calls the suite's `torchrun` helper, or runs `python -m torch.distributed.run` itself."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
@@ -116,13 +116,23 @@ def _launches_process_groups(tree: ast.Module) -> bool:
     return False
 
 
-def test_every_module_that_launches_process_groups_is_marked_multiprocess():
-    """Parallel workers run `multiprocess` modules one test at a time (tests/conftest.py): an unmarked launcher could
-    run its ranks beside another module's and oversubscribe both into their time-outs."""
+def test_every_test_that_launches_process_groups_is_marked_multiprocess():
+    """Parallel workers run `multiprocess` tests one at a time (tests/conftest.py): an unmarked launcher could run its
+    ranks beside another test's and oversubscribe both into their time-outs. The mark is the module's, or, in a module
+    that launches in a few tests only, each of those tests'."""
     launchers = []
     for path in sorted(TESTS.rglob("test_*.py")):
         tree = ast.parse(path.read_text())
-        if _launches_process_groups(tree):
-            launchers.append(path.name)
-            assert _module_marks(tree, "multiprocess"), f"{path.relative_to(ROOT)} launches torchrun but is not marked multiprocess"
+        if not _launches_process_groups(tree):
+            continue
+        launchers.append(path.name)
+        if _module_marks(tree, "multiprocess"):
+            continue
+        functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+        outside = [node for node in tree.body if not isinstance(node, ast.FunctionDef)]
+        assert not any(_launches_process_groups(ast.Module(body=[node], type_ignores=[])) for node in outside), (
+            f"{path.relative_to(ROOT)} launches torchrun outside a test function: mark the module multiprocess")
+        unmarked = [node.name for node in functions if _launches_process_groups(node)
+                    and not any("mark.multiprocess" in ast.unparse(decorator) for decorator in node.decorator_list)]
+        assert not unmarked, f"{path.relative_to(ROOT)}: {unmarked} launch torchrun but are not marked multiprocess"
     assert "test_deepspeed.py" in launchers and "test_examples.py" in launchers, launchers
