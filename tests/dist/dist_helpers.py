@@ -6,6 +6,7 @@ tests/test_distributed.py / tests/test_accelerate.py (which put this folder on s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -68,6 +69,12 @@ def pickle_files(root: str | os.PathLike) -> list[str]:
     return found
 
 
+#: DeepSpeed JIT-compiles its CPU shared-memory op (`deepspeed_shm_comm`) at the first `init_distributed` (20-60 s on
+#: 2 cores). torch's default build folder is one per Python version, so the newest- and oldest-releases environments
+#: (another torch include path each) rebuilt it in turn on every CI half; a folder per environment keeps each build.
+TORCH_EXTENSIONS_DIR = Path.home() / ".cache" / "hf_rl_ckpt-tests" / "torch_extensions" / hashlib.sha256(sys.prefix.encode()).hexdigest()[:16]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -81,6 +88,7 @@ def torchrun(script: str | os.PathLike, nproc: int, *args: str, timeout: float =
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()), os.fspath(script), *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     # A session of its own: on a timeout the whole job (torchrun and every rank) is killed, not left hanging.
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
