@@ -128,11 +128,9 @@ def test_every_test_that_launches_process_groups_is_marked_multiprocess():
         launchers.append(path.name)
         if _module_marks(tree, "multiprocess"):
             continue
-        functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
-        outside = [node for node in tree.body if not isinstance(node, ast.FunctionDef)]
-        assert not any(_launches_process_groups(ast.Module(body=[node], type_ignores=[])) for node in outside), (
-            f"{path.relative_to(ROOT)} launches torchrun outside a test function: mark the module multiprocess")
-        unmarked = [node.name for node in functions if _launches_process_groups(node)
-                    and not any("mark.multiprocess" in ast.unparse(decorator) for decorator in node.decorator_list)]
+        launching = [node for node in tree.body if _launches_process_groups(node)]
+        elsewhere = [getattr(node, "name", f"line {node.lineno}") for node in launching if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_"))]
+        assert not elsewhere, f"{path.relative_to(ROOT)}: {elsewhere} (not a test) launch torchrun: mark the whole module multiprocess"
+        unmarked = [node.name for node in launching if not any("mark.multiprocess" in ast.unparse(decorator) for decorator in node.decorator_list)]
         assert not unmarked, f"{path.relative_to(ROOT)}: {unmarked} launch torchrun but are not marked multiprocess"
     assert "test_deepspeed.py" in launchers and "test_examples.py" in launchers, launchers
