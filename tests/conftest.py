@@ -1,5 +1,4 @@
-"""Shared fixtures (a tiny local model with its training objects, built fresh for each test) and the grouping of
-tests for parallel workers (`pytest -n 2`, pytest-xdist with `--dist loadgroup`, set in pyproject.toml)."""
+"""Shared fixtures: a tiny local model with its training objects, built fresh for each test."""
 
 from __future__ import annotations
 
@@ -11,16 +10,6 @@ from hypothesis import HealthCheck, settings
 
 from hf_rl_ckpt.cli import main as cli_main
 from training_objects import make_training_objects
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the groups into the ids it schedules by
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under parallel workers, a test module runs whole on one worker, so its module-scoped set-up (a trained run, a
-    checkpoint) is built once; and every `multiprocess` test (torchrun launches of 2-4 ranks) runs on one and the
-    same worker, one at a time, so two process groups never share the cores (their ranks' time-outs stay true)."""
-    for item in items:
-        group = "multiprocess" if item.get_closest_marker("multiprocess") else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from training_objects import make_training_objects
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from dist_helpers import REPO, torchrun  # noqa: E402
 
-pytestmark = [pytest.mark.logic, pytest.mark.multiprocess]
+pytestmark = pytest.mark.logic
 
 
 def _loop(manager: CheckpointManager, objs, steps: range, signal_at: int | None = None, signum: int = signal.SIGTERM) -> list[int]:

@@ -27,7 +27,7 @@ from dist_helpers import pickle_files, torchrun  # noqa: E402
 SCRIPT = Path(__file__).parent / "dist" / "deepspeed_trainer.py"
 KINDS = {"zero1": {"stage": 1}, "zero2": {"stage": 2}, "zero3": {"stage": 3}, "zero3-lora": {"stage": 3}}
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from dist_helpers import REPO, assert_state_equal, full_state, pickle_files, tor
 FSDP_SCRIPT = Path(__file__).parent / "dist" / "fsdp_checkpoint.py"
 EXAMPLE = REPO / "examples" / "accelerate_train.py"
 
-pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+pytestmark = pytest.mark.slow
 
 
 def _plain(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

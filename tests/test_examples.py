@@ -81,7 +81,6 @@ def test_grpo_trl(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.multiprocess
 def test_fsdp_custom_loop_saves_at_world_size_2_and_resumes_at_1(tmp_path: Path) -> None:
     script = str(EXAMPLES / "fsdp_custom_loop.py")
     common = ["--output-dir", str(tmp_path), "--max-steps", "4", "--save-every", "2"]

@@ -104,33 +104,3 @@ def test_logic_modules_import_nothing_the_oldest_releases_run_exists_to_check():
         fixtures = sorted({arg.arg for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) for arg in node.args.args} & VERSIONED_FIXTURES)
         assert not fixtures, f"{path.relative_to(ROOT)} is marked logic but uses the fixtures {fixtures} (a versioned service)"
     assert "test_retention.py" in logic and "test_trainer_callback.py" not in logic, logic
-
-
-def _launches_process_groups(tree: ast.AST) -> bool:
-    """Calls the suite's `torchrun` helper, or runs `python -m torch.distributed.run` itself."""
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call):
-            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
-            if name == "torchrun" or any(isinstance(arg, ast.Constant) and arg.value == "torch.distributed.run" for arg in node.args):
-                return True
-    return False
-
-
-def test_every_test_that_launches_process_groups_is_marked_multiprocess():
-    """Parallel workers run `multiprocess` tests one at a time (tests/conftest.py): an unmarked launcher could run its
-    ranks beside another test's and oversubscribe both into their time-outs. The mark is the module's, or, in a module
-    that launches in a few tests only, each of those tests'."""
-    launchers = []
-    for path in sorted(TESTS.rglob("test_*.py")):
-        tree = ast.parse(path.read_text())
-        if not _launches_process_groups(tree):
-            continue
-        launchers.append(path.name)
-        if _module_marks(tree, "multiprocess"):
-            continue
-        launching = [node for node in tree.body if _launches_process_groups(node)]
-        elsewhere = [getattr(node, "name", f"line {node.lineno}") for node in launching if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_"))]
-        assert not elsewhere, f"{path.relative_to(ROOT)}: {elsewhere} (not a test) launch torchrun: mark the whole module multiprocess"
-        unmarked = [node.name for node in launching if not any("mark.multiprocess" in ast.unparse(decorator) for decorator in node.decorator_list)]
-        assert not unmarked, f"{path.relative_to(ROOT)}: {unmarked} launch torchrun but are not marked multiprocess"
-    assert "test_deepspeed.py" in launchers and "test_examples.py" in launchers, launchers

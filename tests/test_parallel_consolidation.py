@@ -28,8 +28,6 @@ from hf_rl_ckpt.testing.tiny import build_model
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from dist_helpers import torchrun  # noqa: E402
 
-pytestmark = pytest.mark.multiprocess
-
 SCRIPT = Path(__file__).parent / "dist" / "parallel_consolidation.py"
 #: A page per file: buffered writes are accounted in whole pages.
 PAGE = 4096

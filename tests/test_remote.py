@@ -27,8 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "dist"))
 from dist_helpers import full_state, torchrun  # noqa: E402
 
-pytestmark = pytest.mark.multiprocess
-
 
 def config(tmp_path: Path, remote: str, name: str = "ckpt", **fields) -> CheckpointConfig:
     return CheckpointConfig(

@@ -21,7 +21,7 @@ from hf_rl_ckpt import CheckpointConfig, CheckpointManager  # noqa: E402
 from hf_rl_ckpt.errors import CheckpointSaveError  # noqa: E402
 from training_objects import make_training_objects  # noqa: E402
 
-pytestmark = [pytest.mark.logic, pytest.mark.multiprocess]
+pytestmark = pytest.mark.logic
 
 
 def replay_buffer() -> dict:
