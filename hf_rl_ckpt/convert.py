@@ -60,6 +60,7 @@ from safetensors.torch import save as safetensors_save
 from .commit import CommitRequest
 from .errors import CheckpointError, CorruptCheckpointError
 from .layout import TRAINING_INFO, rng_file
+from .shims import weight_conversion
 from .state.model import BIN_INDEX, BIN_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS, check_tensors, read_weights, weight_files
 from .state.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .state.pickled import DCP_METADATA, load_pickled, read_dcp, require_trust
@@ -330,7 +331,8 @@ def _build_model(source: SourceState) -> torch.nn.Module:
     if source.adapter_dir is not None:
         return _build_peft_model(source, source.adapter_dir)
     model, architecture = _meta_model(source)
-    result = model.load_state_dict(source.weights, strict=False, assign=True)
+    # A Trainer folder holds what save_pretrained writes (an MoE's experts one by one): into the runtime form, as from_pretrained loads it.
+    result = model.load_state_dict(weight_conversion(model).to_runtime(source.weights), strict=False, assign=True)
     if result.unexpected_keys:
         raise CorruptCheckpointError(
             source.weights_file, f"tensors not in {architecture}: {', '.join(result.unexpected_keys[:8])} (another model? check --base-model)"

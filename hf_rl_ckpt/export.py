@@ -25,7 +25,7 @@ from .errors import CheckpointError
 from .layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR
 from .records import Contents
 from .state.model import save_consolidated
-from .state.peft import load_merged_model
+from .state.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_merged_model
 from .verify import verify_checkpoint
 
 #: The folders an export may read (a checkpoint holds one of them); a merge also reads config.yaml (cache dir, shard size).
@@ -77,8 +77,6 @@ def _model_folder(checkpoint: Path) -> Path:
 
 
 def _write_merged(checkpoint: Path, out: Path, base: str | None) -> None:
-    from transformers import AutoTokenizer
-
     adapter = checkpoint / ADAPTER_DIR
     if Contents.of(checkpoint).deployable_dir != ADAPTER_DIR:
         raise CheckpointError(
@@ -87,8 +85,11 @@ def _write_merged(checkpoint: Path, out: Path, base: str | None) -> None:
         )
     settings = _checkpoint_settings(checkpoint)
     model = load_merged_model(adapter, base=base, cache_dir=settings.get("model_cache_dir"))
-    tokenizer = AutoTokenizer.from_pretrained(adapter) if (adapter / "tokenizer_config.json").is_file() else None
-    save_consolidated(model, out, max_shard_size=parse_size(settings.get("max_shard_size") or "5GB"), tokenizer=tokenizer)
+    save_consolidated(model, out, max_shard_size=parse_size(settings.get("max_shard_size") or "5GB"))
+    # The tokenizer files as the run saved them (loading and saving a tokenizer again adds loader settings to its config).
+    for path in sorted(adapter.iterdir()):
+        if path.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) and path.is_file() and not path.is_symlink():
+            shutil.copy2(path, out / path.name)
 
 
 def _checkpoint_settings(checkpoint: Path) -> dict[str, Any]:

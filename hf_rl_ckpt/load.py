@@ -32,6 +32,7 @@ from .remote import RemoteStore, RemoteTier, fetch, is_remote_url, same_commit
 from .records import Contents, OptimizerFormat, TrainingInfo, WeightsFormat
 from .state.dataloader import load_dataloader
 from .state.deepspeed import check_zero_fits, gathered, load_partitioned, load_zero_optimizer, trainable_parameters, zero_optimizer
+from .shims import weight_conversion
 from .state.model import load_consolidated, read_weights, weight_files
 from .state.optim import check_optimizer_fits, load_optimizer
 from .state.peft import load_adapter
@@ -205,7 +206,7 @@ class CheckpointLoader:
             if optimizer is not None and not weights_only:  # before the weights load: a misfit leaves the model as it was
                 self._check_optimizer_fits(path, kind, contents, optimizer)
             if kind.partitioned and folder in (CONSOLIDATED_DIR, MASTER_DIR):
-                load_partitioned(kind.module, self._rank0_weights(path / folder), path / folder)
+                load_partitioned(kind.module, weight_conversion(kind.module).to_runtime(self._rank0_weights(path / folder)), path / folder)
             elif folder == ADAPTER_DIR and kind.partitioned:  # ZeRO-3: rank 0 loads the gathered adapter, every rank keeps its slice
                 with gathered(trainable_parameters(kind.module), from_rank0=True):
                     if distributed.rank() == 0:
@@ -234,7 +235,7 @@ class CheckpointLoader:
         self._load_optimizer(path, classify_model(model), Contents.of(path), optimizer, scheduler)
 
     def _rank0_weights(self, folder: Path) -> dict[str, torch.Tensor]:
-        """The tensors of a consolidated folder on rank 0 (scattered from there into partitioned parameters), {} elsewhere."""
+        """The tensors of a consolidated folder on rank 0, as saved (scattered from there into partitioned parameters), {} elsewhere."""
         if distributed.rank() != 0:
             return {}
         return {name: tensor for path in weight_files(folder) for name, tensor in read_weights(path, trust_pickle=self.config.resume.trust_pickle).items()}

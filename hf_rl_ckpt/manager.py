@@ -13,7 +13,6 @@ and hand over their objects; the modules behind this facade decide *how*:
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
@@ -39,13 +38,12 @@ from .load import CheckpointLoader, ResumeState
 from .records import CheckpointRecord, Contents
 from .registry import Registry
 from .retention import RetentionPolicy, metric_value
-from .state.deepspeed import whole_weights
 from .state.model import save_consolidated, weights_dtype
 from .state.peft import save_adapter
 from .plan import classify_model, export_dtype
 from .preemption import PreemptionWatch
 from .weight_sync import publish
-from .write import CheckpointWriter, SaveInputs
+from .write import CheckpointWriter, SaveInputs, whole_model_weights
 
 logger = logging.getLogger("hf_rl_ckpt")
 
@@ -435,8 +433,7 @@ class CheckpointManager(BaseCheckpointManager):
             return None
         kind = classify_model(model)
         dtype = export_dtype(self.config.consolidated_dtype, kind)
-        # DeepSpeed ZeRO-3: every rank gathers, rank 0 writes.
-        with whole_weights(kind.module, peft=kind.peft) if kind.partitioned else contextlib.nullcontext() as state:
+        with whole_model_weights(kind) as state:  # ZeRO-3, FSDP2, tensor parallel: every rank gathers, rank 0 writes
 
             def write(out: Path) -> Digests:
                 if kind.peft:

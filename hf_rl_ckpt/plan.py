@@ -129,7 +129,7 @@ def plan_save(
     if weights is WeightsFormat.SHARDED and contents.consolidated and shards_visible:
         consolidation = plan_consolidation(
             hf_state_dict(kind.module), max_shard_size=max_shard_size, world_size=ranks.world_size,
-            ranks_per_node=distributed.ranks_per_node(), dtype=cast,
+            ranks_per_node=distributed.ranks_per_node(), dtype=cast, model=kind.module,
         )
     return SavePlan(
         step=step, staging=staging, rank=ranks.rank, world_size=ranks.world_size, model=kind,

@@ -27,6 +27,7 @@ Where a public API does the job it is used instead (Accelerate's
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -210,3 +211,118 @@ def runs_step_pre_hooks(optimizer: Any) -> bool:
     reads `_optimizer_step_pre_hooks`); an optimizer that only looks like one may not.
     """
     return isinstance(optimizer, torch.optim.Optimizer) and isinstance(getattr(optimizer, "_optimizer_step_pre_hooks", None), dict)
+
+
+# ------------------------------------------------------------------ transformers weight conversion (5.x)
+#: `save_pretrained` writes a model's weights under the names and shapes of its original checkpoints:
+#: transformers 5 fuses some at load time (an MoE layer's experts into one `gate_up_proj`, a VLM's
+#: submodels renamed) and `revert_weight_conversion` undoes that when saving. Its building blocks are
+#: what runs the same conversion forward (`from_pretrained`'s direction) into a live model, whose
+#: parameters must be kept (`convert_and_load_state_dict_in_model` replaces them, which would orphan an
+#: optimizer's references).
+_CORE_MODEL_LOADING = "transformers.core_model_loading"
+WEIGHT_CONVERSION_NAMES = (
+    "revert_weight_conversion", "rename_source_key", "dot_natural_key", "WeightConverter", "WeightRenaming", "PrefixChange",
+)
+
+
+@dataclass(frozen=True)
+class WeightConversion:
+    """transformers' weight conversion of one model: runtime tensors <-> the tensors `save_pretrained` writes.
+
+    Both directions are pure reshuffles of the same values (stack/unbind, concatenate/chunk,
+    renames), so `to_runtime(to_saved(state))` gives `state` back bit for bit. A model without a
+    conversion (most dense models, any plain `nn.Module`) maps every name to itself.
+    """
+
+    model: Any
+    transforms: tuple[Any, ...]  # transformers' WeightConverter / WeightRenaming objects, in from_pretrained order
+    runtime_names: Mapping[str, bool]  # the live model's state dict names (what `rename_source_key` looks names up in)
+
+    @property
+    def identity(self) -> bool:
+        return not self.transforms
+
+    def to_saved(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` (runtime names; complete groups: every expert tensor of a layer) as `save_pretrained` writes it."""
+        if self.identity:
+            return dict(state)
+        with torch.no_grad():
+            return _private_attr(_CORE_MODEL_LOADING, "revert_weight_conversion")(self.model, dict(state))
+
+    def saved_groups(self, names: list[str]) -> list[list[str]]:
+        """Saved names grouped by the runtime tensor they become together (a layer's experts), in loading order."""
+        if self.identity:
+            return [[name] for name in names]
+        groups: dict[str, list[str]] = {}
+        for name in self._sorted(names):
+            groups.setdefault(self._rename(name)[0], []).append(name)
+        return list(groups.values())
+
+    def to_runtime(self, saved: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Saved tensors (complete groups, see `saved_groups`) as the live model holds them: `from_pretrained`'s conversion."""
+        if self.identity:
+            return dict(saved)
+        core = importlib.import_module(_CORE_MODEL_LOADING)
+        converters = {pattern: converter for converter in self.transforms if isinstance(converter, core.WeightConverter) for pattern in converter.source_patterns}
+        pending: dict[str, Any] = {}
+        for name in self._sorted(list(saved)):
+            target, pattern = self._rename(name)
+            if pattern is not None:
+                conversion = pending.setdefault(target, copy.deepcopy(converters[pattern]))
+            else:
+                conversion = pending.setdefault(target, core.WeightRenaming(name, target))
+                pattern = name
+            conversion.add_tensor(target, name, pattern, saved[name])
+        runtime: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for target, conversion in pending.items():
+                for name, value in conversion.convert(target, model=self.model, config=self.model.config).items():
+                    runtime[name] = value[0] if isinstance(value, list) else value
+        return runtime
+
+    def _sorted(self, names: list[str]) -> list[str]:
+        return sorted(names, key=_private_attr(_CORE_MODEL_LOADING, "dot_natural_key"))
+
+    def _rename(self, name: str) -> tuple[str, str | None]:
+        """The runtime name a saved name loads into, and the converter pattern it matched (as `from_pretrained` renames it)."""
+        core = importlib.import_module(_CORE_MODEL_LOADING)
+        renamings = [t for t in self.transforms if isinstance(t, core.WeightRenaming)]
+        converters = [t for t in self.transforms if isinstance(t, core.WeightConverter)]
+        runtime, prefix = self.runtime_names, getattr(self.model, "base_model_prefix", None)
+        target, pattern = core.rename_source_key(name, renamings, converters, prefix, runtime)
+        if target not in runtime and name in runtime:  # as from_pretrained: the name only needed the prefix handling
+            target, pattern = core.rename_source_key(name, [], [], prefix, runtime)
+        return target, pattern
+
+
+def weight_conversion(model: Any) -> WeightConversion:
+    """The conversion `save_pretrained` reverts for `model` (its `from_pretrained` mapping, else transformers' default for its class).
+
+    The choice is `revert_weight_conversion`'s own: the mapping recorded when the model was
+    loaded, else the registered one for its architecture without legacy renames or prefix
+    changes (a model built from a config has no prefix to restore).
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return WeightConversion(model, (), {})
+    core = importlib.import_module(_CORE_MODEL_LOADING)
+    missing = [name for name in WEIGHT_CONVERSION_NAMES if not hasattr(core, name)]
+    if missing:
+        raise _missing("transformers", [f"{_CORE_MODEL_LOADING}.{name}" for name in missing], "save_pretrained's weight conversion")
+    transforms = getattr(model, "_weight_conversions", None)
+    if transforms is None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        transforms = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, core.PrefixChange)]
+    transforms = tuple(transforms or ())
+    return WeightConversion(model, transforms, dict.fromkeys(model.state_dict(keep_vars=True), True) if transforms else {})
+
+
+def save_custom_code(model: Any, out_dir: Any) -> None:
+    """The `trust_remote_code` files (modeling_*.py and what they import) next to config.json, as `save_pretrained` copies them."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    if callable(getattr(model, "is_remote_code", None)) and model.is_remote_code():
+        custom_object_save(model, out_dir, config=model.config)

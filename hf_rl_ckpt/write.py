@@ -15,6 +15,7 @@ exchange their digests (or failures) over a gloo process group of their own
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -22,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import yaml
@@ -37,7 +38,7 @@ from .hub.card import Leaderboard, branch_for, card_rows, render_model_card
 from .layout import ADAPTER_DIR, CONFIG_YAML, CheckpointLayout, CONSOLIDATED_DIR, MASTER_DIR, MODEL_CARD, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, dataloader_file, rng_file, safe_join
 from .atomic import commit_directory, staging_sibling, write_bytes
 from .events import Subscribers
-from .plan import SavePlan, plan_save
+from .plan import ModelKind, SavePlan, plan_save
 from .verify import build_manifest
 from .digest import RECORDED, Digests, FileDigest
 from .records import ModelSummary, OptimizerFormat, WeightsFormat
@@ -45,7 +46,7 @@ from .registry import Registry
 from .retention import RetentionPolicy
 from .state.dataloader import capture_dataloader
 from .state.deepspeed import whole_weights, write_zero_optimizer
-from .state.model import deduplicated_state_dict, save_consolidated, save_hf_metadata, save_weights, weights_dtype
+from .state.model import save_consolidated, save_hf_metadata, save_weights, saved_state, total_parameters, weights_dtype
 from .state.optim import write_optimizer_dcp, write_optimizer_tensors
 from .state.peft import save_adapter
 from .state.rng import RngSnapshot, capture_rng
@@ -53,7 +54,7 @@ from .state.rollout import capture_rollout, write_rollout
 from .state.safetensors_io import write_safetensors
 from .state.scheduler import capture_scheduler
 from .state.consolidate import write_index, write_rank_files
-from .state.sharded import hf_state_dict, save_gathered, save_shards
+from .state.sharded import gathered_state, hf_state_dict, save_gathered, save_shards
 
 logger = logging.getLogger("hf_rl_ckpt")
 
@@ -72,6 +73,24 @@ class SaveInputs:
     rollout_state: Any = None  # this rank's RL rollout state (see `state.rollout`), None for none
     rng: RngSnapshot | None = None  # RNG streams to record instead of this process's (a converted checkpoint's own)
     final: bool = False  # the run's last save (end of training, preemption): `save_consolidated: final` writes the folder
+
+
+@contextlib.contextmanager
+def whole_model_weights(kind: ModelKind) -> Iterator[dict[str, torch.Tensor] | None]:
+    """Around writing a deployable folder outside a checkpoint (weight sync); every rank enters it, rank 0 writes inside.
+
+    Yields the full weights by runtime name where the model's own are slices (ZeRO-3 gathered
+    bucket by bucket, FSDP2 and tensor parallel gathered to rank 0's host memory; {} on the
+    other ranks), None where rank 0 reads them from the model (a plain or DDP model, and an
+    adapter, which is gathered in place under ZeRO-3).
+    """
+    if kind.partitioned:
+        with whole_weights(kind.module, peft=kind.peft) as state:
+            yield state
+    elif kind.sharded and not kind.peft:
+        yield gathered_state(kind.module)
+    else:
+        yield None
 
 
 def _prefixed(folder: str, digests: Mapping[str, FileDigest]) -> Digests:
@@ -345,7 +364,7 @@ class CheckpointWriter:
                         module, staging / CONSOLIDATED_DIR, max_shard_size=self.max_shard_size, tokenizer=tokenizer,
                         weights_format=self.config.model_save_format, state=state, dtype=cast,
                     )
-                    return {**_prefixed(CONSOLIDATED_DIR, weights), **write_master_weights(deduplicated_state_dict(module, state)), **write_extra_files()}
+                    return {**_prefixed(CONSOLIDATED_DIR, weights), **write_master_weights(saved_state(module, state)), **write_extra_files()}
 
             return SavePart("model", write_partitioned, background=False)
         if weights is WeightsFormat.SHARDED:
@@ -376,10 +395,11 @@ class CheckpointWriter:
         save_hf_metadata(module, out, tokenizer, dtype=cast)  # small, and now: a tokenizer must not be saved from another thread
 
         def write_weights(state: Mapping[str, torch.Tensor]) -> Digests:
-            consolidated = save_weights(state, out, self.max_shard_size, self.config.model_save_format, cast)
+            consolidated = save_weights(state, out, self.max_shard_size, self.config.model_save_format, cast, parameters=parameters)
             return {**_prefixed(CONSOLIDATED_DIR, consolidated), **write_master_weights(state), **write_extra_files()}
 
-        return SavePart("model", write_weights, tensors=deduplicated_state_dict(module))
+        parameters = total_parameters(module)
+        return SavePart("model", write_weights, tensors=saved_state(module))  # save_pretrained's names: an MoE's experts one by one
 
     def _consolidation_part(self, plan: SavePlan) -> SavePart | None:
         """A sharded model's consolidated weights, every rank writing its files from the shards on disk (see `state.consolidate`).

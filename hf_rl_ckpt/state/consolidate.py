@@ -9,13 +9,18 @@ themselves shrink with the world size; so the work is shared:
 
 - `plan_consolidation` decides, from the global shapes alone (no data moves: every rank
   computes it, and the writer compares the ranks' `fingerprint()`s before anyone writes),
-  which tensors go in which file and which rank writes each file.
+  which tensors go in which file and which rank writes each file. The tensors are those
+  `save_pretrained` writes (`state.model.saved_state`): an MoE layer's fused expert tensor
+  becomes one tensor per expert, possibly in several files, so the plan also records which
+  trained tensors each written one is made from.
   Files are handed out largest first to the least-loaded rank, spreading them over the nodes
   before doubling up on one; rank 0, which also writes the index, config and tokenizer, takes
   a file only while that keeps it within its fair share of the bytes.
 - `write_rank_files` is one rank's share: each tensor of its files is assembled from the
   slices in the shard files (one full tensor in memory at a time), cast to the configured
   dtype, and streamed out hashed (`stream_safetensors`), so the manifest needs no second read.
+  A fused tensor is assembled once per file that needs its pieces and converted with
+  transformers' own reverse conversion (`shims.weight_conversion`).
   It runs no collective: under `async_save` it runs on the background thread, once the shards
   are on disk. Slices that do not cover a tensor (a rank cannot see another rank's shards)
   fail the save, naming the tensor.
@@ -35,7 +40,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -44,9 +49,9 @@ from safetensors import safe_open
 from ..atomic import write_bytes
 from ..digest import Digests, hexdigest
 from ..errors import CheckpointSaveError
-from ..shims import DCP_SHARDING_INFO_KEY, SAVED_OFFSETS_KEY
-from .model import SAFE_INDEX, SAFE_WEIGHTS, cast_to
-from .safetensors_io import TensorSpec, stream_safetensors
+from ..shims import DCP_SHARDING_INFO_KEY, SAVED_OFFSETS_KEY, WeightConversion, weight_conversion
+from .model import SAFE_INDEX, SAFE_WEIGHTS, cast_to, meta_state, total_parameters, without_ignored_keys
+from .safetensors_io import TensorSpec, file_order, stream_safetensors
 
 logger = logging.getLogger("hf_rl_ckpt")
 
@@ -62,10 +67,14 @@ class ConsolidatedFile:
 
 @dataclass(frozen=True)
 class ConsolidationPlan:
-    """Which file holds each tensor (as written: dtype and full shape) and which rank writes each file."""
+    """Which file holds each tensor (as written: dtype and full shape), which rank writes each file, and what each is made from."""
 
     specs: Mapping[str, TensorSpec]
     files: tuple[ConsolidatedFile, ...]
+    sources: Mapping[str, tuple[str, ...]]  # written name -> the trained (runtime) tensors it is converted from
+    runtime_shapes: Mapping[str, tuple[int, ...]]  # those trained tensors' full shapes, as the shards hold them
+    conversion: WeightConversion
+    parameters: int  # the model's parameter count, recorded in the index
 
     def fingerprint(self) -> str:
         """Equal on two ranks exactly when their plans are: what the ranks compare before anyone writes."""
@@ -80,21 +89,24 @@ class ConsolidationPlan:
         if len(self.files) == 1:
             return None
         return {
-            "metadata": {"total_size": sum(file.nbytes for file in self.files)},
+            "metadata": {"total_parameters": self.parameters, "total_size": sum(file.nbytes for file in self.files)},
             "weight_map": {name: file.name for file in self.files for name in file.tensors},
         }
 
 
 def plan_consolidation(
     state: Mapping[str, torch.Tensor], *, max_shard_size: int, world_size: int, ranks_per_node: int | None = None,
-    dtype: torch.dtype | None = None,
-) -> ConsolidationPlan:
-    """The consolidated files of `state` (name -> tensor or DTensor; global shapes are used, never data) and their writers.
+    dtype: torch.dtype | None = None, model: torch.nn.Module | None = None,
+) -> ConsolidationPlan | None:
+    """The consolidated files of `state` (name -> tensor or DTensor, tied copies dropped; global shapes are used, never data) and their writers.
 
-    `dtype`: floating-point tensors are written in it (`consolidated_dtype`), which is what
-    the file split and the byte shares are computed from. `ranks_per_node` (default: all
-    ranks on one node) orders the ranks so that files go to every node before a second
-    rank of any node gets one.
+    `model`: the model `state` is of, whose `save_pretrained` names and shapes the files
+    hold (without one, the tensors are written as named). `dtype`: floating-point tensors are
+    written in it (`consolidated_dtype`), which is what the file split and the byte shares are
+    computed from. `ranks_per_node` (default: all ranks on one node) orders the ranks so that
+    files go to every node before a second rank of any node gets one. None when the model's
+    weight conversion merges several trained tensors into one written tensor (no such model
+    in transformers' mappings yet): such a folder is gathered on rank 0 instead.
 
     ```python
     >>> import torch
@@ -105,9 +117,20 @@ def plan_consolidation(
 
     ```
     """
+    conversion = weight_conversion(model)
+    runtime = meta_state(without_ignored_keys(model, state) if model is not None else state)
+    saved = conversion.to_saved(runtime)
+    sources: dict[str, tuple[str, ...]] = {}
+    for name, tensor in runtime.items():  # which trained tensor each written one comes from, one trained tensor at a time
+        for written, piece in conversion.to_saved({name: tensor}).items():
+            if written in saved and tuple(piece.shape) == tuple(saved[written].shape):
+                sources[written] = (name,)
+    if set(sources) != set(saved):
+        logger.info("%s's weight conversion merges trained tensors: its consolidated folder is gathered on rank 0", type(model).__name__)
+        return None
     specs = {
         name: TensorSpec(dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype, tuple(tensor.shape))
-        for name, tensor in state.items()
+        for name, tensor in saved.items()
     }
     sized = {name: torch.empty(spec.shape, dtype=spec.dtype, device="meta") for name, spec in specs.items()}
     split = split_torch_state_dict_into_shards(sized, max_shard_size=max_shard_size, filename_pattern=SAFE_WEIGHTS.replace(".", "{suffix}.", 1))
@@ -115,9 +138,13 @@ def plan_consolidation(
     sizes = [sum(specs[tensor].nbytes for tensor in split.filename_to_tensors[name]) for name in names]
     owners = _assign(sizes, world_size, ranks_per_node or world_size)
     files = tuple(
-        ConsolidatedFile(name, tuple(split.filename_to_tensors[name]), size, owner) for name, size, owner in zip(names, sizes, owners)
+        ConsolidatedFile(name, tuple(file_order({tensor: specs[tensor].dtype for tensor in split.filename_to_tensors[name]})), size, owner)
+        for name, size, owner in zip(names, sizes, owners)
     )
-    return ConsolidationPlan(specs=specs, files=files)
+    return ConsolidationPlan(
+        specs=specs, files=files, sources=sources, runtime_shapes={name: tuple(tensor.shape) for name, tensor in runtime.items()},
+        conversion=conversion, parameters=total_parameters(model) if model is not None else sum(tensor.numel() for tensor in runtime.values()),
+    )
 
 
 def _assign(sizes: list[int], world_size: int, ranks_per_node: int) -> list[int]:
@@ -161,7 +188,7 @@ def write_rank_files(plan: ConsolidationPlan, sharded_dir: Path, out_dir: Path, 
         digests = {
             file.name: stream_safetensors(
                 out_dir / file.name, {name: plan.specs[name] for name in file.tensors},
-                (cast_to(shards.full_tensor(name, plan.specs[name].shape), plan.specs[name].dtype) for name in file.tensors),
+                (cast_to(tensor, plan.specs[name].dtype) for name, tensor in _written_tensors(plan, file, shards)),
                 {"format": "pt"},
             )
             for file in mine
@@ -171,6 +198,17 @@ def write_rank_files(plan: ConsolidationPlan, sharded_dir: Path, out_dir: Path, 
         sum(file.nbytes for file in mine) / 1e6, time.perf_counter() - started,
     )
     return digests
+
+
+def _written_tensors(plan: ConsolidationPlan, file: ConsolidatedFile, shards: "_ShardReader") -> Iterator[tuple[str, torch.Tensor]]:
+    """`file`'s tensors in order, each converted from the full trained tensors it comes from (one fused tensor's pieces kept until written)."""
+    pending: dict[str, torch.Tensor] = {}
+    wanted = set(file.tensors)
+    for name in file.tensors:
+        if name not in pending:
+            trained = {source: shards.full_tensor(source, plan.runtime_shapes[source]) for source in plan.sources[name]}
+            pending.update((written, tensor) for written, tensor in plan.conversion.to_saved(trained).items() if written in wanted)
+        yield name, pending.pop(name)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,18 @@
 """Model weights as a consolidated, HF-format folder that transformers and vLLM load directly.
 
-The folder is what `save_pretrained(safe_serialization=True)` would produce: config.json
-(with `architectures`), generation_config.json, tokenizer files, `model.safetensors` or
-shards + `model.safetensors.index.json` above `max_shard_size`, tied weights stored once,
-dtype kept. The weights go through our streaming writer so they are hashed while written.
+The folder is what `save_pretrained` writes, file for file: config.json (with
+`architectures` and `dtype`), generation_config.json, a `trust_remote_code` model's code
+files, tokenizer files, `model.safetensors` or shards + `model.safetensors.index.json` above
+`max_shard_size`, tied weights stored once, and every tensor under the name and shape of the
+model's original checkpoints (`saved_state`: transformers 5 fuses an MoE layer's experts and
+renames a VLM's submodels at load time; `save_pretrained` reverts that, and so do we). The
+weights go through our streaming writer so they are hashed while written. Loading applies the
+conversion forward into the live parameters (`load_consolidated`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -18,12 +23,14 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from huggingface_hub.utils import tqdm
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from ..digest import Digests
 from ..errors import CorruptCheckpointError, StateMismatchError
 from ..layout import safe_join
+from ..shims import WeightConversion, save_custom_code, weight_conversion
 from .pickled import load_pickled_tensors, write_torch_bin
 from .safetensors_io import check_safetensors_header, write_safetensors
 
@@ -82,6 +89,35 @@ def deduplicated_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Te
     return {name: tensor for name, tensor in state.items() if name in keep}
 
 
+def saved_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`state` (default `model.state_dict()`) as `save_pretrained` writes it: the names, shapes and tensors of the deployable folder.
+
+    The same steps in the same order: keys the model ignores on save dropped, tied copies
+    kept once, transformers' weight conversion reverted (`shims.weight_conversion`). The
+    tensors are the live ones where the conversion only renames or splits along the first
+    dimension, new ones where it must copy (an MoE `gate_up_proj` chunked into `gate_proj` and
+    `up_proj`).
+    """
+    state = model.state_dict() if state is None else state
+    return weight_conversion(model).to_saved(deduplicated_state_dict(model, without_ignored_keys(model, state)))
+
+
+def without_ignored_keys(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` less the keys the model's class says `save_pretrained` leaves out (`_keys_to_ignore_on_save`)."""
+    ignored = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    return {name: tensor for name, tensor in state.items() if name not in ignored}
+
+
+def meta_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Shapes and dtypes of `state` (global shapes for DTensors) without data."""
+    return {name: torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="meta") for name, tensor in state.items()}
+
+
+def total_parameters(model: torch.nn.Module) -> int:
+    """`PreTrainedModel.num_parameters()` as `save_pretrained` records it in the index, also for partitioned (ZeRO-3) and sharded models."""
+    return sum(getattr(param, "ds_numel", param.numel()) for param in model.parameters())
+
+
 def weights_dtype(model: torch.nn.Module) -> torch.dtype | None:
     """The dtype `model`'s weights are written in: its first floating-point parameter's (`PreTrainedModel.dtype`)."""
     return next((param.dtype for param in model.parameters() if param.is_floating_point()), None)
@@ -96,6 +132,7 @@ def save_hf_metadata(model: torch.nn.Module, out_dir: Path, tokenizer: Any | Non
     `.to(torch.bfloat16)` in bf16 by that (`dtype`, when the weights are written cast to
     another one, see `cast_to`). The model's own config is left as it is.
     """
+    save_custom_code(model, out_dir)  # before config.json: it records the code files in the config's auto_map
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
         config = copy.deepcopy(config)
@@ -121,9 +158,11 @@ def cast_to(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def save_weights(
     state: Mapping[str, torch.Tensor], out_dir: Path, max_shard_size: int, weights_format: WeightsFormat = "safetensors",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, *, parameters: int | None = None,
 ) -> Digests:
     """Write `state` as one weights file or HF-named shards + index; return digests by file name.
+
+    `parameters`: the model's parameter count, recorded in the index as `save_pretrained` does (`total_parameters`).
 
     `weights_format="torch_save"` writes the legacy `pytorch_model.bin` (a `torch.save` of the
     tensors alone, so `torch.load(weights_only=True)` reads it) for tools that need it.
@@ -146,7 +185,8 @@ def save_weights(
         else:
             digests[filename] = write_safetensors(out_dir / filename, part, {"format": "pt"})
     if split.is_sharded:
-        index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
+        metadata = dict(split.metadata) if parameters is None else {"total_parameters": parameters, **split.metadata}
+        index = {"metadata": metadata, "weight_map": dict(split.tensor_to_filename)}
         (out_dir / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return digests
 
@@ -163,13 +203,13 @@ def save_consolidated(
 ) -> Digests:
     """Write the HF-format folder of `model` (weights, config, generation config, tokenizer).
 
-    `state`: the weights to write when the model's own are partitioned (DeepSpeed ZeRO-3, gathered by the caller).
+    `state`: the weights to write when the model's own are partitioned or sharded (gathered by the caller), by runtime name.
     `dtype`: write the floating-point weights in this dtype (`consolidated_dtype`), recorded in config.json.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     inner = unwrap_model(model)
-    digests = save_weights(deduplicated_state_dict(inner, state), out_dir, max_shard_size, weights_format, dtype)
+    digests = save_weights(saved_state(inner, state), out_dir, max_shard_size, weights_format, dtype, parameters=total_parameters(inner))
     save_hf_metadata(inner, out_dir, tokenizer, dtype=dtype)
     return digests
 
@@ -212,11 +252,27 @@ def read_header_shapes(files: list[Path], *, trust_pickle: bool = False) -> dict
     return shapes
 
 
-def check_compatible(model: torch.nn.Module, saved: Mapping[str, tuple[tuple[int, ...], Path]], where: Path) -> None:
-    """Raise naming the mismatching keys when the checkpoint's tensors do not fit `model`."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+def check_compatible(model: torch.nn.Module, saved: Mapping[str, tuple[tuple[int, ...], Path]], where: Path) -> WeightConversion:
+    """How the tensors of a folder load into `model`; raise naming the mismatching keys when they do not fit.
+
+    A folder holds the names `save_pretrained` writes (ours and transformers' own), loaded
+    through the model's weight conversion; one written before hf_rl_ckpt reverted conversions
+    holds the runtime names, loaded as they are. Only names and shapes are compared.
+    """
+    live = model.state_dict()
+    conversion = weight_conversion(model)
+    forms = [conversion] if conversion.identity else [conversion, WeightConversion(model, (), {})]
     problem = f"checkpoint weights in {where} do not fit {type(model).__name__} (another architecture or config?)"
-    check_tensors(expected, deduplicated_state_dict(model), saved, problem)
+    mismatches = []
+    for form in forms:
+        expected = {name: tuple(t.shape) for name, t in form.to_saved(meta_state(live)).items()}
+        required = form.to_saved(meta_state(deduplicated_state_dict(model, live)))
+        try:
+            check_tensors(expected, required, saved, problem)
+            return form
+        except StateMismatchError as err:
+            mismatches.append(err)
+    raise mismatches[0]  # the complaint about the saved form, the one a folder is expected to hold
 
 
 def check_tensors(
@@ -247,18 +303,50 @@ def load_consolidated(
     trust_pickle: bool = False,
     preloaded: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Load the weights of an HF-format folder into `model` in place (memory-mapped reads).
+    """Load the weights of an HF-format folder into `model`'s parameters in place (memory-mapped reads).
 
     Everything is checked against the model before any tensor is copied, so a mismatch
-    leaves the model untouched. A legacy `pytorch_model.bin` folder is read only with
-    `trust_pickle` (see `hf_rl_ckpt.state.pickled`). `preloaded` maps file paths to their
-    tensors already in memory (read once while their digest was checked): not read again.
+    leaves the model untouched. Tensors are read and converted to the model's runtime form
+    one group at a time (an MoE layer's experts together). A legacy `pytorch_model.bin` folder
+    is read only with `trust_pickle` (see `hf_rl_ckpt.state.pickled`). `preloaded` maps file
+    paths to their tensors already in memory (read once while their digest was checked): not read again.
     """
     inner = unwrap_model(model)
     files = weight_files(folder)
-    check_compatible(inner, read_header_shapes(files, trust_pickle=trust_pickle), Path(folder))
-    in_memory = {os.path.realpath(name): tensors for name, tensors in (preloaded or {}).items()}
-    with torch.no_grad():
-        for path in files:
-            tensors = in_memory.get(os.path.realpath(path))
-            inner.load_state_dict(read_weights(path, trust_pickle=trust_pickle) if tensors is None else tensors, strict=False)
+    saved = read_header_shapes(files, trust_pickle=trust_pickle)
+    conversion = check_compatible(inner, saved, Path(folder))
+    live = inner.state_dict()
+    with torch.no_grad(), _SavedTensors(saved, preloaded or {}, trust_pickle) as tensors:
+        for group in conversion.saved_groups(list(saved)):
+            for name, value in conversion.to_runtime({name: tensors[name] for name in group}).items():
+                live[name].copy_(value)
+
+
+class _SavedTensors:
+    """The tensors of a folder by name, each read when asked for: memory-mapped safetensors, in-memory tensors, or a trusted `.bin`."""
+
+    def __init__(self, saved: Mapping[str, tuple[tuple[int, ...], Path]], preloaded: Mapping[str, Mapping[str, torch.Tensor]], trust_pickle: bool) -> None:
+        self._file_of = {name: path for name, (_, path) in saved.items()}
+        self._in_memory = {os.path.realpath(path): tensors for path, tensors in preloaded.items()}
+        self._trust_pickle = trust_pickle
+        self._open = contextlib.ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def __enter__(self) -> "_SavedTensors":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._open.close()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path = self._file_of[name]
+        tensors = self._in_memory.get(os.path.realpath(path))
+        if tensors is not None:
+            return tensors[name]
+        if path not in self._handles:
+            self._handles[path] = (
+                self._open.enter_context(safe_open(os.fspath(path), framework="pt")) if path.suffix == ".safetensors"
+                else read_weights(path, trust_pickle=self._trust_pickle)
+            )
+        handle = self._handles[path]
+        return handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]

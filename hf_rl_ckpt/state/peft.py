@@ -61,9 +61,12 @@ def save_adapter(model: Any, out_dir: str | os.PathLike, *, tokenizer: Any | Non
     # As PeftModel.save_pretrained does: a saved adapter is for inference and names its base.
     config = copy.deepcopy(model.peft_config[name])
     config.inference_mode = True
+    base = model.get_base_model()
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(model.get_base_model(), "name_or_path", None) or None
-    config.save_pretrained(out_dir)
+        config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
+    # Without a task type, AutoPeftModel finds the base class through `auto_mapping` (PeftModel.save_pretrained records it then).
+    auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__} if config.task_type is None else None
+    config.save_pretrained(out_dir, auto_mapping_dict=auto_mapping)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return digests

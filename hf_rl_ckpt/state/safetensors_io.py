@@ -12,6 +12,7 @@ overlapping tensors should be refused with the file named before any library map
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
+from safetensors.torch import save
 
 from ..digest import FileDigest
 from ..atomic import StreamingFileWriter
@@ -50,11 +52,28 @@ def write_safetensors(
 ) -> FileDigest:
     """Write `tensors` as a safetensors file, fsync it, and return its digest.
 
-    The bytes are hashed while a helper thread writes them (`StreamingFileWriter`, with
-    `O_DIRECT` where the filesystem allows it), so the digest costs no extra pass.
+    The bytes are those `safetensors.torch.save_file` writes (`file_order`). They are hashed
+    while a helper thread writes them (`StreamingFileWriter`, with `O_DIRECT` where the
+    filesystem allows it), so the digest costs no extra pass.
     """
-    specs = {name: TensorSpec(tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()}
-    return stream_safetensors(path, specs, tensors.values(), metadata)
+    specs = {name: TensorSpec(tensors[name].dtype, tuple(tensors[name].shape)) for name in file_order({n: t.dtype for n, t in tensors.items()})}
+    return stream_safetensors(path, specs, (tensors[name] for name in specs), metadata)
+
+
+@functools.cache
+def _dtype_rank() -> dict[torch.dtype, int]:
+    """The safetensors library's order of dtypes in a file, probed from the library itself (one tiny tensor per dtype)."""
+    probe = {f"t{i:02d}": torch.zeros(1, dtype=dtype) for i, dtype in enumerate(_DTYPES)}
+    data = save(probe)
+    (length,) = struct.unpack("<Q", data[:8])
+    order = [name for name in json.loads(data[8 : 8 + length]) if name != "__metadata__"]
+    return {probe[name].dtype: rank for rank, name in enumerate(order)}
+
+
+def file_order(dtypes: Mapping[str, torch.dtype]) -> list[str]:
+    """Tensor names in the order `safetensors.torch.save_file` lays them out (by dtype, then name), so our files equal its byte for byte."""
+    rank = _dtype_rank()
+    return sorted(dtypes, key=lambda name: (rank[dtypes[name]], name))
 
 
 @dataclass(frozen=True)
@@ -75,18 +94,17 @@ def stream_safetensors(
     """Write a safetensors file whose header is `specs` from `tensors`, produced one at a time in the same order.
 
     For tensors that do not exist all at once (assembled from shards, cast as they go): the
-    header is written first, from `specs`; each tensor must match its spec (else ValueError,
-    and the caller's staging directory holds a partial file it removes).
+    header is written first, from `specs`, in their order (`file_order` gives the library's);
+    each tensor must match its spec (else ValueError, and the caller's staging directory holds
+    a partial file it removes).
     """
-    header: dict[str, object] = {}
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, spec in specs.items():
         if spec.dtype not in _DTYPES:
             raise TypeError(f"tensor '{name}' has dtype {spec.dtype}, which safetensors cannot store")
         header[name] = {"dtype": _DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
-    if metadata:
-        header["__metadata__"] = dict(metadata)
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
     with StreamingFileWriter(path) as writer:

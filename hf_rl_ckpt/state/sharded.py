@@ -51,15 +51,24 @@ def save_shards(state: dict[str, torch.Tensor], sharded_dir: Path) -> None:
     dcp.save(state, storage_writer=HuggingFaceStorageWriter(os.fspath(sharded_dir), save_distributed=True))
 
 
+def gathered_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full tensors of a sharded model in host memory on rank 0 ({} on the others); collective, every rank calls it.
+
+    Peak memory on rank 0 is the model.
+    """
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0 only keeps it
+    return full if distributed.rank() == 0 else {}
+
+
 def save_gathered(
     model: torch.nn.Module, consolidated_dir: Path, *, max_shard_size: int, tokenizer: Any | None = None, dtype: torch.dtype | None = None,
 ) -> Digests:
     """The consolidated folder from the full tensors gathered to rank 0 (collective; its digests on rank 0, {} elsewhere).
 
     For node-local disks, where no rank can read the other ranks' shards to consolidate them
-    (`state.consolidate`); peak memory on rank 0 is the model.
+    (`state.consolidate`), and for a model whose weight conversion the parallel consolidation cannot plan.
     """
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0 only keeps it
+    full = gathered_state(model)
     if distributed.rank() != 0:
         return {}
     return save_consolidated(model, consolidated_dir, max_shard_size=max_shard_size, tokenizer=tokenizer, state=full, dtype=dtype)
