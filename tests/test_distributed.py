@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, verify_checkpoint
 from hf_rl_ckpt.testing.tiny import build_model
+from hf_rl_ckpt.weight_sync import PublishedWeights
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from dist_helpers import REPO, assert_state_equal, full_state, pickle_files, torchrun  # noqa: E402
@@ -67,6 +68,13 @@ def test_fsdp2_sharded_save_consolidates_reshards_and_survives_a_failing_rank(tm
     assert all(torch.equal(state[name.removeprefix("model.")], tensor) for name, tensor in weights.items())
 
     assert_state_equal(_load_plain(manager, step_3), refs / "step_3.safetensors", "world size 2 -> 1")
+    published = PublishedWeights.read((refs / "policy").resolve())
+    assert published.step == 3 and _same_files(published.folder, step_3 / "model" / "consolidated", besides={"weight_sync.json"}), (
+        "sync_weights of the sharded model publishes the full weights: the consolidated folder, byte for byte"
+    )
+    moe = refs / "moe"
+    for folder in (moe / "ckpt" / "step_1" / "model" / "consolidated", (moe / "policy").resolve()):
+        assert _same_files(folder, moe / "save_pretrained", besides={"weight_sync.json"}), f"{folder} is save_pretrained of the gathered MoE model"
 
     torchrun(FSDP_SCRIPT, 4, "reshard", str(ckpt), str(refs))
     manifest = verify_checkpoint(ckpt / "step_5")["manifest"]
@@ -74,6 +82,11 @@ def test_fsdp2_sharded_save_consolidates_reshards_and_survives_a_failing_rank(tm
     assert not any(name.startswith("model/consolidated/") for name in manifest), "save_consolidated: false"
     assert_state_equal(_load_plain(manager, ckpt / "step_5"), refs / "step_5.safetensors", "world size 4 -> 1")
     assert pickle_files(ckpt) == []
+
+
+def _same_files(folder: Path, reference: Path, *, besides: set[str]) -> bool:
+    names = sorted(path.name for path in folder.iterdir() if path.name not in besides)
+    return names == sorted(path.name for path in reference.iterdir()) and all((folder / n).read_bytes() == (reference / n).read_bytes() for n in names)
 
 
 def _losses(log: Path) -> dict[int, float]:

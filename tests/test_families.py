@@ -186,3 +186,20 @@ def test_a_hub_branch_of_an_moe_checkpoint_is_its_save_pretrained_folder(tmp_pat
         manager.finalize()
         branch = Path(snapshot_download(repo, revision="step-1"))
         assert_same_folder(branch, save_pretrained_folder(model, tokenizer, tmp_path / "reference"), besides=("README.md", ".gitattributes"))
+
+
+def test_weights_published_in_bfloat16_are_save_pretrained_of_the_model_cast_to_it(tmp_path, tokenizer) -> None:
+    """`consolidated_dtype: bfloat16` (fp32 training, bf16 serving): the MoE folders as `save_pretrained` writes the cast model,
+    experts split by their bf16 sizes."""
+    model = build_family("qwen3_moe", seed=0)
+    config = CheckpointConfig(
+        checkpoint_dir=str(tmp_path / "ckpt"), max_shard_size=SHARD // 2, sync_weight_path=str(tmp_path / "policy"), consolidated_dtype="bfloat16",
+    )
+    manager = CheckpointManager(config)
+    manager.save(1, model=model, tokenizer=tokenizer)
+    published = manager.sync_weights(1, model=model, tokenizer=tokenizer)
+    manager.finalize()
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "reference", max_shard_size=SHARD // 2)
+    tokenizer.save_pretrained(tmp_path / "reference")
+    assert_same_folder(manager.consolidated_path(1), tmp_path / "reference")
+    assert_same_folder(published, tmp_path / "reference", besides=("weight_sync.json",))

@@ -43,14 +43,13 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 
 from ..atomic import write_bytes
 from ..digest import Digests, hexdigest
 from ..errors import CheckpointSaveError
 from ..shims import DCP_SHARDING_INFO_KEY, SAVED_OFFSETS_KEY, WeightConversion, weight_conversion
-from .model import SAFE_INDEX, SAFE_WEIGHTS, cast_to, meta_state, total_parameters, without_ignored_keys
+from .model import SAFE_INDEX, SAFE_WEIGHTS, cast_to, meta_state, split_weights, total_parameters, without_ignored_keys
 from .safetensors_io import TensorSpec, file_order, stream_safetensors
 
 logger = logging.getLogger("hf_rl_ckpt")
@@ -74,7 +73,7 @@ class ConsolidationPlan:
     sources: Mapping[str, tuple[str, ...]]  # written name -> the trained (runtime) tensors it is converted from
     runtime_shapes: Mapping[str, tuple[int, ...]]  # those trained tensors' full shapes, as the shards hold them
     conversion: WeightConversion
-    parameters: int  # the model's parameter count, recorded in the index
+    metadata: Mapping[str, int]  # the index's metadata, as `save_pretrained` records it (total_parameters, total_size)
 
     def fingerprint(self) -> str:
         """Equal on two ranks exactly when their plans are: what the ranks compare before anyone writes."""
@@ -89,7 +88,7 @@ class ConsolidationPlan:
         if len(self.files) == 1:
             return None
         return {
-            "metadata": {"total_parameters": self.parameters, "total_size": sum(file.nbytes for file in self.files)},
+            "metadata": dict(self.metadata),
             "weight_map": {name: file.name for file in self.files for name in file.tensors},
         }
 
@@ -118,8 +117,8 @@ def plan_consolidation(
     ```
     """
     conversion = weight_conversion(model)
-    runtime = meta_state(without_ignored_keys(model, state) if model is not None else state)
-    saved = conversion.to_saved(runtime)
+    runtime = meta_state(without_ignored_keys(model, state) if model is not None else state, dtype=dtype)
+    saved = conversion.to_saved(runtime)  # meta views where the conversion makes views, as of the trained tensors
     sources: dict[str, tuple[str, ...]] = {}
     for name, tensor in runtime.items():  # which trained tensor each written one comes from, one trained tensor at a time
         for written, piece in conversion.to_saved({name: tensor}).items():
@@ -128,12 +127,8 @@ def plan_consolidation(
     if set(sources) != set(saved):
         logger.info("%s's weight conversion merges trained tensors: its consolidated folder is gathered on rank 0", type(model).__name__)
         return None
-    specs = {
-        name: TensorSpec(dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype, tuple(tensor.shape))
-        for name, tensor in saved.items()
-    }
-    sized = {name: torch.empty(spec.shape, dtype=spec.dtype, device="meta") for name, spec in specs.items()}
-    split = split_torch_state_dict_into_shards(sized, max_shard_size=max_shard_size, filename_pattern=SAFE_WEIGHTS.replace(".", "{suffix}.", 1))
+    specs = {name: TensorSpec(tensor.dtype, tuple(tensor.shape)) for name, tensor in saved.items()}
+    split = split_weights(saved, max_shard_size, SAFE_WEIGHTS.replace(".", "{suffix}.", 1))
     names = sorted(split.filename_to_tensors)
     sizes = [sum(specs[tensor].nbytes for tensor in split.filename_to_tensors[name]) for name in names]
     owners = _assign(sizes, world_size, ranks_per_node or world_size)
@@ -143,7 +138,10 @@ def plan_consolidation(
     )
     return ConsolidationPlan(
         specs=specs, files=files, sources=sources, runtime_shapes={name: tuple(tensor.shape) for name, tensor in runtime.items()},
-        conversion=conversion, parameters=total_parameters(model) if model is not None else sum(tensor.numel() for tensor in runtime.values()),
+        conversion=conversion, metadata={
+            "total_parameters": total_parameters(model) if model is not None else sum(tensor.numel() for tensor in runtime.values()),
+            **split.metadata,
+        },
     )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub import StateDictSplit, get_torch_storage_id, get_torch_storage_size, split_state_dict_into_shards_factory
 from huggingface_hub.utils import tqdm
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -75,13 +75,16 @@ def deduplicated_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Te
     """`state` (default `model.state_dict()`) with every shared tensor kept once, under its source name.
 
     Tied embeddings share storage; like `save_pretrained`, keep the source key and drop the
-    tied target, so transformers re-ties them on load.
+    tied target, so transformers re-ties them on load. Which names are one tensor is read
+    from the model itself (one parameter under several names), so a state gathered from a
+    sharded model, whose copies no longer share storage, loses its tied copies too.
     """
     state = model.state_dict() if state is None else state
+    live = model.state_dict(keep_vars=True)
     targets = tied_weight_targets(model)
-    groups: dict[tuple[Any, ...], list[str]] = {}
+    groups: dict[Any, list[str]] = {}
     for name, tensor in state.items():
-        groups.setdefault(_storage_key(tensor), []).append(name)
+        groups.setdefault(id(live[name]) if name in live else _storage_key(tensor), []).append(name)
     keep: set[str] = set()
     for names in groups.values():
         sources = [n for n in names if n not in targets] or names
@@ -108,9 +111,12 @@ def without_ignored_keys(model: torch.nn.Module, state: Mapping[str, torch.Tenso
     return {name: tensor for name, tensor in state.items() if name not in ignored}
 
 
-def meta_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Shapes and dtypes of `state` (global shapes for DTensors) without data."""
-    return {name: torch.empty(tuple(tensor.shape), dtype=tensor.dtype, device="meta") for name, tensor in state.items()}
+def meta_state(state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Shapes and dtypes of `state` (global shapes for DTensors) without data; `dtype`: floating-point tensors as cast to it."""
+    return {
+        name: torch.empty(tuple(tensor.shape), dtype=dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype, device="meta")
+        for name, tensor in state.items()
+    }
 
 
 def total_parameters(model: torch.nn.Module) -> int:
@@ -156,6 +162,27 @@ def cast_to(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(dtype)
 
 
+def split_weights(state: Mapping[str, torch.Tensor], max_shard_size: int, filename_pattern: str, dtype: torch.dtype | None = None) -> StateDictSplit:
+    """The files `save_pretrained` splits `state` into: in order, at `max_shard_size`, by the bytes as written (`dtype`: cast).
+
+    Like `save_pretrained` (huggingface_hub's splitter), tensors that share storage go in
+    the file of the first of them and count once, at their storage's size: an MoE layer's
+    experts, unbound from one fused tensor, stay together. Meta tensors (planning without
+    data) share storage as the tensors they stand for would.
+    """
+
+    def storage_id(tensor: torch.Tensor) -> Any:
+        return id(tensor.untyped_storage()) if tensor.device.type == "meta" else get_torch_storage_id(tensor)
+
+    def storage_size(tensor: torch.Tensor) -> int:
+        written = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        return get_torch_storage_size(tensor) // tensor.element_size() * written.itemsize
+
+    return split_state_dict_into_shards_factory(
+        dict(state), get_storage_size=storage_size, get_storage_id=storage_id, filename_pattern=filename_pattern, max_shard_size=max_shard_size,
+    )
+
+
 def save_weights(
     state: Mapping[str, torch.Tensor], out_dir: Path, max_shard_size: int, weights_format: WeightsFormat = "safetensors",
     dtype: torch.dtype | None = None, *, parameters: int | None = None,
@@ -169,12 +196,7 @@ def save_weights(
     `dtype`: floating-point tensors are written cast to it, one file at a time (`cast_to`).
     """
     single, index_name = _WEIGHT_FILES[weights_format]
-    # Split by the sizes as written; with a cast, from shapes alone (meta tensors: no copy is made to measure).
-    sized = dict(state) if dtype is None else {
-        name: torch.empty(tensor.shape, dtype=dtype if tensor.is_floating_point() else tensor.dtype, device="meta")
-        for name, tensor in state.items()
-    }
-    split = split_torch_state_dict_into_shards(sized, max_shard_size=max_shard_size, filename_pattern=single.replace(".", "{suffix}.", 1))
+    split = split_weights(state, max_shard_size, single.replace(".", "{suffix}.", 1), dtype)
     digests: Digests = {}
     # Above max_shard_size a model takes minutes to write: show progress by file (one file needs no bar).
     files = tqdm(split.filename_to_tensors.items(), desc=f"Writing weights to {out_dir}", unit="file", disable=not split.is_sharded, name="hf_rl_ckpt")

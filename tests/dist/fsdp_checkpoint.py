@@ -8,7 +8,9 @@ check it bit for bit; train; save step_3 sharded + consolidated and write its fu
 REF_DIR/step_3.safetensors; then make rank 0, and separately rank 1, fail while saving step_4
 (through objects this script hands to the manager, not by patching the library) and check
 that every rank gets an error naming the failed rank, that nothing was committed and that
-step_3 still loads. `reshard` (world size 4): load step_3 and check it; train; save step_5 with
+step_3 still loads; publish step_3 with `sync_weights` (REF_DIR/policy); and train, save and
+publish a sharded Qwen3-MoE model (REF_DIR/moe), with `save_pretrained` of its gathered weights
+written by rank 0 as the test's reference (REF_DIR/moe/save_pretrained). `reshard` (world size 4): load step_3 and check it; train; save step_5 with
 `save_consolidated: false` (shards only, which the test then loads into a plain model).
 """
 
@@ -21,18 +23,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
 from dist_helpers import assert_state_equal, full_state
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, CheckpointSaveError
+from hf_rl_ckpt.testing.families import build_family
 from hf_rl_ckpt.testing.tiny import build_model, build_tokenizer
 
 #: Small enough that the consolidated folder is split into several files (exercises the index).
 MAX_SHARD_SIZE = "300KB"
 
 
-def build(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    model = build_model("llama", seed=seed, tie_word_embeddings=True)
+def build(seed: int, family: str | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = build_family(family, seed=seed) if family else build_model("llama", seed=seed, tie_word_embeddings=True)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -46,6 +50,26 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) 
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def publish_and_save_moe(manager: CheckpointManager, model: torch.nn.Module, ref_dir: Path) -> None:
+    """`sync_weights` of the sharded Llama, then a sharded MoE model saved and published beside `save_pretrained` of its gathered weights."""
+    tokenizer = build_tokenizer()
+    manager.sync_weights(3, model=model, tokenizer=tokenizer)
+    moe, moe_optimizer = build(seed=4, family="qwen3_moe")
+    train(moe, moe_optimizer, 1)
+    config = CheckpointConfig(checkpoint_dir=str(ref_dir / "moe" / "ckpt"), max_shard_size="100KB", sync_weight_path=str(ref_dir / "moe" / "policy"))
+    moe_manager = CheckpointManager(config)
+    moe_manager.save(1, model=moe, optimizer=moe_optimizer, tokenizer=tokenizer)
+    moe_manager.sync_weights(1, model=moe, tokenizer=tokenizer)
+    moe_manager.finalize()
+    full = get_model_state_dict(moe, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective
+    if dist.get_rank() == 0:
+        gathered = build_family("qwen3_moe", seed=5)
+        gathered.load_state_dict(full)
+        gathered.save_pretrained(ref_dir / "moe" / "save_pretrained", max_shard_size="100KB")
+        tokenizer.save_pretrained(ref_dir / "moe" / "save_pretrained")
+    dist.barrier()
 
 
 def save_reference(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -101,7 +125,9 @@ def main(mode: str, ckpt_dir: Path, ref_dir: Path) -> None:
 
 def run(mode: str, ckpt_dir: Path, ref_dir: Path) -> None:
     torch.manual_seed(0)
-    config = CheckpointConfig(checkpoint_dir=str(ckpt_dir), max_shard_size=MAX_SHARD_SIZE, save_consolidated=mode == "save")
+    config = CheckpointConfig(
+        checkpoint_dir=str(ckpt_dir), max_shard_size=MAX_SHARD_SIZE, save_consolidated=mode == "save", sync_weight_path=str(ref_dir / "policy"),
+    )
     manager = CheckpointManager(config)
     if mode == "save":
         model, optimizer = build(seed=1)
@@ -115,6 +141,7 @@ def run(mode: str, ckpt_dir: Path, ref_dir: Path) -> None:
         fresh, fresh_optimizer = build(seed=2)
         manager.load(ckpt_dir / "step_3", model=fresh, optimizer=fresh_optimizer)
         assert_state_equal(full_state(fresh, fresh_optimizer), ref_dir / "step_3.safetensors", "reload after failed saves")
+        publish_and_save_moe(manager, fresh, ref_dir)
     elif mode == "reshard":
         model, optimizer = build(seed=3)
         manager.load(ckpt_dir / "step_3", model=model, optimizer=optimizer)
