@@ -31,6 +31,7 @@ from transformers import Trainer, TrainingArguments
 from hf_rl_ckpt import CheckpointConfig, CheckpointError, CheckpointManager, ResumableDataLoader
 from hf_rl_ckpt.convert import convert_checkpoint, detect_format
 from hf_rl_ckpt.state.pickled import UntrustedPickleError
+from hf_rl_ckpt.testing.families import build_family
 from hf_rl_ckpt.testing.tiny import build_model, build_tokenizer, toy_lm_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -72,26 +73,33 @@ def _trainer_args(out: Path) -> TrainingArguments:
     )
 
 
-@pytest.fixture(scope="module")
-def trainer_checkpoint(tmp_path_factory):
-    """A real Trainer run's `checkpoint-2`, and the next two steps of the Trainer's own resume from it."""
-    out = tmp_path_factory.mktemp("trainer")
+def _trainer_run(out: Path, build, *, reference: str = "trainer resume") -> tuple[Path, object, list]:
+    """A real Trainer run's `checkpoint-2` of the model `build(seed)` makes, and the two steps after it: of the Trainer's own
+    resume from it (`reference="trainer resume"`), or of the uninterrupted run."""
     tok = build_tokenizer()
     data = toy_lm_dataset(tok, n=24, seq_len=16)
-    RecordingTrainer(model=build_model("llama", seed=0), args=_trainer_args(out), train_dataset=data, processing_class=tok).train()
-    resumed = RecordingTrainer(model=build_model("llama", seed=0), args=_trainer_args(out / "again"), train_dataset=data, processing_class=tok)
+    first = RecordingTrainer(model=build(seed=0), args=_trainer_args(out), train_dataset=data, processing_class=tok)
+    first.train()
+    if reference != "trainer resume":
+        return out / "checkpoint-2", data, first.seen[2:]
+    resumed = RecordingTrainer(model=build(seed=0), args=_trainer_args(out / "again"), train_dataset=data, processing_class=tok)
     resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     return out / "checkpoint-2", data, resumed.seen
 
 
-def test_hf_trainer_checkpoint_converts_and_resumes_like_the_trainer(tmp_path, trainer_checkpoint):
+@pytest.fixture(scope="module")
+def trainer_checkpoint(tmp_path_factory):
+    return _trainer_run(tmp_path_factory.mktemp("trainer"), lambda seed: build_model("llama", seed=seed))
+
+
+def _assert_converts_and_resumes_like_the_trainer(tmp_path: Path, trainer_checkpoint, build) -> None:
     original, data, trainer_steps = trainer_checkpoint
     assert detect_format(original) == "hf_trainer"
     converted = convert_checkpoint(original, tmp_path / "converted", trust_pickle=True)
     assert (converted / "trainer_state.json").read_bytes() == (original / "trainer_state.json").read_bytes()
     assert not any(p.suffix in (".pt", ".pth", ".bin") for p in converted.rglob("*")), "the result needs no pickle"
 
-    model = build_model("llama", seed=7)
+    model = build(seed=7)
     helper = Trainer(model=model, args=_trainer_args(tmp_path / "helper"), train_dataset=data)
     helper.create_optimizer_and_scheduler(num_training_steps=4)  # the Trainer's own param groups and schedule
     state = _manager(tmp_path).load(converted, model=model, optimizer=helper.optimizer, scheduler=helper.lr_scheduler)
@@ -99,6 +107,20 @@ def test_hf_trainer_checkpoint_converts_and_resumes_like_the_trainer(tmp_path, t
 
     ours = _replay(model, helper.optimizer, helper.lr_scheduler, [(inputs, {"num_items_in_batch": n}) for inputs, n, _ in trainer_steps])
     assert ours == [loss for _, _, loss in trainer_steps]
+
+
+def test_hf_trainer_checkpoint_converts_and_resumes_like_the_trainer(tmp_path, trainer_checkpoint):
+    _assert_converts_and_resumes_like_the_trainer(tmp_path, trainer_checkpoint, lambda seed: build_model("llama", seed=seed))
+
+
+def test_hf_trainer_checkpoint_of_an_moe_model_converts_and_resumes_exactly(tmp_path):
+    """The Trainer saves an MoE model as save_pretrained does, one tensor per expert; the converter reads that form back.
+
+    The reference is the uninterrupted run: transformers' own Trainer resume loads that folder with
+    `load_state_dict(strict=False)` (transformers 5.25), which skips the per-expert tensors of a fused model, so its next losses
+    are not the run's."""
+    build = lambda seed: build_family("mixtral", seed=seed)  # noqa: E731
+    _assert_converts_and_resumes_like_the_trainer(tmp_path, _trainer_run(tmp_path / "trainer", build, reference="uninterrupted"), build)
 
 
 def test_hf_trainer_pickles_need_the_trust_flag(tmp_path, trainer_checkpoint):

@@ -187,3 +187,30 @@ def test_live_vllm_engine_reloads_each_published_weight_version(tmp_path) -> Non
     finally:
         del llm
         manager.finalize()
+
+
+def test_vllm_serves_an_moe_checkpoint_like_transformers(tmp_path) -> None:
+    """A Qwen3-MoE checkpoint's folder holds one tensor per expert, as `save_pretrained` writes it; vLLM loads it and
+    generates transformers' greedy tokens."""
+    from hf_rl_ckpt.testing.families import build_family
+
+    model = build_family("qwen3_moe", seed=0)
+    with torch.no_grad():  # wide margins between the top logits (see the module docstring); the router too
+        generator = torch.Generator().manual_seed(0)
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_step(model, optimizer)
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), max_shard_size="300KB"))
+    manager.save(1, model=model, optimizer=optimizer, tokenizer=build_tokenizer())
+    manager.finalize()
+    folder = manager.consolidated_path(1)
+    names = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in names and not any(name.endswith("experts.gate_up_proj") for name in names)
+    reference = transformers_greedy(AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
+    llm = engine(str(folder))
+    try:
+        assert vllm_greedy(llm) == reference
+    finally:
+        del llm
