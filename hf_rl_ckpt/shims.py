@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .errors import UnsupportedVersionError
+from .errors import StateMismatchError, UnsupportedVersionError
 
 
 def _missing(library: str, names: list[str], where: str) -> UnsupportedVersionError:
@@ -317,7 +317,34 @@ def weight_conversion(model: Any) -> WeightConversion:
 
         transforms = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, core.PrefixChange)]
     transforms = tuple(transforms or ())
-    return WeightConversion(model, transforms, dict.fromkeys(model.state_dict(keep_vars=True), True) if transforms else {})
+    if not transforms:
+        return WeightConversion(model, (), {})
+    live = model.state_dict(keep_vars=True)
+    conversion = WeightConversion(model, transforms, dict.fromkeys(live, True))
+    _check_round_trip(conversion, {name: torch.empty(tuple(t.shape), dtype=t.dtype, device="meta") for name, t in live.items()})
+    return conversion
+
+
+def _check_round_trip(conversion: WeightConversion, runtime: Mapping[str, torch.Tensor]) -> None:
+    """Raise, before anything is written or loaded, when `runtime` (meta tensors) does not come back from its saved form unchanged.
+
+    A folder that does not load back into the same tensors could be served but never resumed exactly.
+    """
+    try:
+        back = conversion.to_runtime(conversion.to_saved(runtime))
+        problem = None if {n: tuple(t.shape) for n, t in back.items()} == {n: tuple(t.shape) for n, t in runtime.items()} else (
+            f"these come back otherwise: {', '.join(sorted(set(back) ^ set(runtime))[:8]) or 'the same names, other shapes'}"
+        )
+    except Exception as err:  # transformers raises ValueError / RuntimeError / KeyError from inside its operations
+        problem = f"{type(err).__name__}: {err}"
+    if problem is not None:
+        raise StateMismatchError(
+            f"{type(conversion.model).__name__}'s weights cannot be written as save_pretrained writes them and read back into it: "
+            f"transformers {version('transformers')}'s weight conversion for it (its `_weight_conversions`, or the mapping "
+            f"transformers.conversion_mapping registers for {getattr(conversion.model.config, 'model_type', '?')}) does not invert ({problem}). "
+            "Nothing was written. Checkpoint it with a transformers release whose mapping inverts (hf_rl_ckpt/shims.py lists those "
+            "checked), or report the model to hf_rl_ckpt"
+        )
 
 
 def save_custom_code(model: Any, out_dir: Any) -> None:

@@ -203,3 +203,20 @@ def test_weights_published_in_bfloat16_are_save_pretrained_of_the_model_cast_to_
     tokenizer.save_pretrained(tmp_path / "reference")
     assert_same_folder(manager.consolidated_path(1), tmp_path / "reference")
     assert_same_folder(published, tmp_path / "reference", besides=("weight_sync.json",))
+
+
+def test_a_model_whose_weight_conversion_does_not_invert_is_refused_before_anything_is_written(tmp_path, tokenizer) -> None:
+    """Two runtime tensors that would be saved under one name could be served but never resumed: refused, naming the model."""
+    from transformers.core_model_loading import WeightRenaming
+
+    from hf_rl_ckpt import CheckpointError
+
+    model = build_family("llama", seed=0)
+    model._weight_conversions = [WeightRenaming("self_attn.k_proj", "self_attn.q_proj")]  # saving maps q_proj and k_proj to k_proj
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), sync_weight_path=str(tmp_path / "policy")))
+    for write in (lambda: manager.save(1, model=model, tokenizer=tokenizer), lambda: manager.sync_weights(1, model=model, tokenizer=tokenizer)):
+        with pytest.raises(CheckpointError, match=r"LlamaForCausalLM's weights cannot be written as save_pretrained writes them.*does not invert.*Nothing was written"):
+            write()
+    manager.finalize()
+    assert sorted(path.name for path in (tmp_path / "ckpt").iterdir() if not path.name.startswith(".")) == []
+    assert not any((tmp_path / "ckpt" / ".incomplete").glob("*")) and not (tmp_path / "policy").exists()
