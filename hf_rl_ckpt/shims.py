@@ -20,6 +20,12 @@ DeepSpeed's ZeRO optimizers are driven through their own `state_dict`/`load_stat
 `single_partition_of_fp32_groups`, `GatheredParameters`) is checked by tests/test_deepspeed.py
 against the release in the table.
 
+transformers' weight conversion (`transformers.core_model_loading`: `revert_weight_conversion`,
+`rename_source_key`, `dot_natural_key`, `WeightConverter`, `WeightRenaming`, `PrefixChange`, and
+`conversion_mapping.get_model_conversion_mapping`) is what makes a deployable folder hold the
+tensors `save_pretrained` writes; tests/test_families.py checks it per family against the release
+in the table.
+
 Where a public API does the job it is used instead (Accelerate's
 `register_save_state_pre_hook`, torch's `Optimizer.register_step_pre_hook`, DCP's
 `HuggingFaceStorageReader`); what is left has no public equivalent.

@@ -19,6 +19,7 @@ from hf_rl_ckpt import CheckpointCallback, CheckpointConfig, CheckpointError, Ch
 from hf_rl_ckpt.layout import CheckpointLayout
 from hf_rl_ckpt.retention import RetentionPolicy
 from hf_rl_ckpt.testing import tiny
+from hf_rl_ckpt.testing.families import build_family
 from hf_rl_ckpt.weight_sync import publish
 
 INPUT_IDS = torch.tensor([[1, 17, 42, 99, 7, 3, 250, 8]])
@@ -217,15 +218,21 @@ def test_callback_added_too_late_to_resume_says_so(causal, tmp_path):
         trainer.train()
 
 
-def test_resume_from_checkpoint_true_resumes_our_newest_checkpoint_exactly(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_resume_from_checkpoint_true_resumes_our_newest_checkpoint_exactly(tmp_path, family):
     # The Trainer's own meaning of True (look for checkpoint-N in output_dir) would find nothing here: save_strategy="no".
-    reference = small_trainer(tmp_path / "ref", None, max_steps=4)
+    # The MoE model is saved one tensor per expert, as save_pretrained does, and resumed into its fused experts (the Trainer's
+    # own resume of such a folder, `load_state_dict(strict=False)`, would skip them).
+    def model() -> torch.nn.Module:
+        return build_family(family, seed=1)
+
+    reference = small_trainer(tmp_path / "ref", None, model=model(), max_steps=4)
     reference.train()
-    first = small_trainer(tmp_path / "run", CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), save_period=2), max_steps=4)
+    first = small_trainer(tmp_path / "run", CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), save_period=2), model=model(), max_steps=4)
     first.add_callback(R.StopAt(2))
     first.train()
     config = CheckpointConfig.from_dict({"checkpoint_dir": str(tmp_path / "ckpt"), "resume": {"mode": "disable"}})
-    second = small_trainer(tmp_path / "run", config, max_steps=4)
+    second = small_trainer(tmp_path / "run", config, model=model(), max_steps=4)
     steps_run = []
     second.add_callback(type("Steps", (TrainerCallback,), {"on_step_end": lambda self, args, state, control, **kw: steps_run.append(state.global_step)})())
     second.train(resume_from_checkpoint=True)  # asks to resume even though the config says disable
