@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,20 @@ SHARD = 100_000
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
+
+
+def preprocessor(family: str, tokenizer):
+    """What the run saves beside the weights: Llava's processor (image processor, tokenizer, chat template), else the tokenizer."""
+    if family != "llava":
+        return tokenizer
+    import transformers
+
+    from hf_rl_ckpt.testing.tiny import CHAT_TEMPLATE
+
+    with warnings.catch_warnings():  # without torchvision transformers picks the PIL image processor, and says so
+        warnings.simplefilter("ignore")
+        images = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return transformers.LlavaProcessor(image_processor=images, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, patch_size=16, image_token="<unk>")
 
 
 def batches(family: str, count: int) -> list[dict[str, torch.Tensor]]:
@@ -78,6 +93,7 @@ def assert_same_folder(ours: Path, reference: Path, *, besides: tuple[str, ...] 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_deployable_folder_is_save_pretrained_and_the_run_resumes_exactly(tmp_path, family, tokenizer) -> None:
+    tokenizer = preprocessor(family, tokenizer)
     config = CheckpointConfig(checkpoint_dir=str(tmp_path / "ckpt"), max_shard_size=SHARD, sync_weight_path=str(tmp_path / "policy"))
     model = build_family(family, seed=0)
     data = batches(family, 4)
