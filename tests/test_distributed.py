@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from hf_rl_ckpt import CheckpointConfig, CheckpointManager, verify_checkpoint
+from hf_rl_ckpt.testing.families import build_family
 from hf_rl_ckpt.testing.tiny import build_model
 from hf_rl_ckpt.weight_sync import PublishedWeights
 
@@ -49,6 +50,12 @@ def test_fsdp2_sharded_save_consolidates_reshards_and_survives_a_failing_rank(tm
     optimizer.step()
     manager.save(1, model=model, optimizer=optimizer)  # world size 1, consolidated only: loaded at 2 below
     save_file(full_state(model, optimizer), str(refs / "step_1.safetensors"))
+    moe = build_family("qwen3_moe", seed=4)
+    moe_optimizer = torch.optim.AdamW(moe.parameters(), lr=1e-2)
+    moe(input_ids=batch, labels=batch).loss.backward()
+    moe_optimizer.step()
+    CheckpointManager(CheckpointConfig(checkpoint_dir=str(refs / "moe_single"))).save(1, model=moe, optimizer=moe_optimizer)
+    save_file(full_state(moe, moe_optimizer), str(refs / "moe_step_1.safetensors"))
 
     torchrun(FSDP_SCRIPT, 2, "save", str(ckpt), str(refs))
 

@@ -12,11 +12,13 @@ each path that hands a folder to an engine: the checkpoint, `sync_weights`, `exp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,7 @@ def test_every_deployable_folder_is_save_pretrained_and_the_run_resumes_exactly(
 _LOAD_IN_A_CLEAN_PROCESS = """
 import json, sys, torch, transformers
 from safetensors.torch import load_file
+torch.set_num_threads(1)  # as the logits to match were computed: bitwise-reproducible CPU math
 results = {}
 for family, folder in json.loads(sys.argv[1]).items():
     config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=True)
@@ -140,6 +143,17 @@ print(json.dumps(results))
 """
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """CPU math on one thread, so another process reproduces it bit for bit (an MoE's expert sums change order with the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_every_family_loads_from_its_checkpoint_in_a_clean_process(tmp_path, tokenizer) -> None:
     folders, classes = {}, {}
     for family in FAMILIES:
@@ -149,7 +163,7 @@ def test_every_family_loads_from_its_checkpoint_in_a_clean_process(tmp_path, tok
         manager.finalize()
         folders[family], classes[family] = str(manager.consolidated_path(0)), type(model).__name__
         inputs = family_inputs(family)
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():
             tensors = {**inputs, "logits": model(**inputs).logits}
             save_file({name: tensor.clone() for name, tensor in tensors.items()}, folders[family] + ".expected.safetensors")
     elsewhere = tmp_path / "elsewhere"

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Iterator, Literal, Mapping
 
 import torch
 from huggingface_hub import StateDictSplit, get_torch_storage_id, get_torch_storage_size, split_state_dict_into_shards_factory
@@ -334,14 +334,24 @@ def load_consolidated(
     paths to their tensors already in memory (read once while their digest was checked): not read again.
     """
     inner = unwrap_model(model)
-    files = weight_files(folder)
-    saved = read_header_shapes(files, trust_pickle=trust_pickle)
+    saved = read_header_shapes(weight_files(folder), trust_pickle=trust_pickle)
     conversion = check_compatible(inner, saved, Path(folder))
     live = inner.state_dict()
-    with torch.no_grad(), _SavedTensors(saved, preloaded or {}, trust_pickle) as tensors:
-        for group in conversion.saved_groups(list(saved)):
-            for name, value in conversion.to_runtime({name: tensors[name] for name in group}).items():
+    with torch.no_grad():
+        for group in runtime_groups(conversion, saved, trust_pickle=trust_pickle, preloaded=preloaded):
+            for name, value in group.items():
                 live[name].copy_(value)
+
+
+def runtime_groups(
+    conversion: WeightConversion, saved: Mapping[str, tuple[tuple[int, ...], Path]], *, trust_pickle: bool = False,
+    preloaded: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The tensors of a folder (`saved`: name -> (shape, file), see `read_header_shapes`) in the model's runtime form,
+    one group at a time (an MoE layer's experts together, converted into its fused tensor)."""
+    with _SavedTensors(saved, preloaded or {}, trust_pickle) as tensors:
+        for group in conversion.saved_groups(list(saved)):
+            yield conversion.to_runtime({name: tensors[name] for name in group})
 
 
 class _SavedTensors:

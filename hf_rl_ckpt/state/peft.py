@@ -11,7 +11,6 @@ from a local folder or cache only: an export must never start a download.
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from pathlib import Path
@@ -58,15 +57,19 @@ def save_adapter(model: Any, out_dir: str | os.PathLike, *, tokenizer: Any | Non
     name = active_adapter(model)
     state = get_peft_model_state_dict(model, adapter_name=name)
     digests = {ADAPTER_WEIGHTS: write_safetensors(out_dir / ADAPTER_WEIGHTS, state, {"format": "pt"})}
-    # As PeftModel.save_pretrained does: a saved adapter is for inference and names its base.
-    config = copy.deepcopy(model.peft_config[name])
-    config.inference_mode = True
+    # As PeftModel.save_pretrained does, on the model's own config (a copy could list a set such as `target_modules` in
+    # another order): a saved adapter names its base and is for inference.
+    config = model.peft_config[name]
     base = model.get_base_model()
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
     # Without a task type, AutoPeftModel finds the base class through `auto_mapping` (PeftModel.save_pretrained records it then).
     auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__} if config.task_type is None else None
-    config.save_pretrained(out_dir, auto_mapping_dict=auto_mapping)
+    training_mode, config.inference_mode = config.inference_mode, True
+    try:
+        config.save_pretrained(out_dir, auto_mapping_dict=auto_mapping)
+    finally:
+        config.inference_mode = training_mode
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return digests

@@ -29,7 +29,8 @@ from torch.distributed.tensor import DTensor
 from .. import distributed
 from ..digest import Digests
 from ..errors import CorruptCheckpointError
-from .model import check_compatible, deduplicated_state_dict, save_consolidated
+from ..shims import weight_conversion
+from .model import check_compatible, deduplicated_state_dict, read_header_shapes, runtime_groups, save_consolidated, weight_files
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -86,10 +87,27 @@ def load_sharded(model: torch.nn.Module, folder: Path) -> None:
     except Exception as err:  # safetensors raises its own error type for a malformed header
         raise CorruptCheckpointError(folder, f"not a readable safetensors folder ({err})") from err
     saved = {name: (tuple(meta.size), folder) for name, meta in metadata.state_dict_metadata.items()}
-    check_compatible(model, saved, folder)
+    if not check_compatible(model, saved, folder).identity:
+        _load_saved_form(model, folder)
+        return
     state = hf_state_dict(model)
     with distributed.quiet_single_process_dcp():  # a plain model in a single process loading shards is intended
         dcp.load(state, storage_reader=reader)
     # Tied targets are not in the checkpoint (transformers re-ties them), hence strict=False;
     # check_compatible has already refused a checkpoint that lacks any required tensor.
     set_model_state_dict(model, state, options=StateDictOptions(strict=False))
+
+
+def _load_saved_form(model: torch.nn.Module, folder: Path) -> None:
+    """An HF folder under `save_pretrained`'s names (an MoE's experts one by one) into a sharded model: rank 0 reads it and
+    converts it to the runtime form, every rank takes its slices (collective; peak memory on rank 0 is the model).
+
+    DCP cannot plan this read: a fused runtime tensor has no counterpart in the folder.
+    """
+    state: dict[str, torch.Tensor] = {}
+    if distributed.rank() == 0:
+        saved = read_header_shapes(weight_files(folder))
+        for group in runtime_groups(weight_conversion(model), saved):
+            state.update(group)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed.is_distributed(), strict=False)
+    set_model_state_dict(model, state, options=options)

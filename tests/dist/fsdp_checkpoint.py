@@ -9,7 +9,8 @@ REF_DIR/step_3.safetensors; then make rank 0, and separately rank 1, fail while 
 (through objects this script hands to the manager, not by patching the library) and check
 that every rank gets an error naming the failed rank, that nothing was committed and that
 step_3 still loads; publish step_3 with `sync_weights` (REF_DIR/policy); and train, save and
-publish a sharded Qwen3-MoE model (REF_DIR/moe), with `save_pretrained` of its gathered weights
+publish a sharded Qwen3-MoE model (loaded from REF_DIR/moe_single/step_1, written by the test at world size 1,
+one tensor per expert) into REF_DIR/moe, with `save_pretrained` of its gathered weights
 written by rank 0 as the test's reference (REF_DIR/moe/save_pretrained). `reshard` (world size 4): load step_3 and check it; train; save step_5 with
 `save_consolidated: false` (shards only, which the test then loads into a plain model).
 """
@@ -56,7 +57,9 @@ def publish_and_save_moe(manager: CheckpointManager, model: torch.nn.Module, ref
     """`sync_weights` of the sharded Llama, then a sharded MoE model saved and published beside `save_pretrained` of its gathered weights."""
     tokenizer = build_tokenizer()
     manager.sync_weights(3, model=model, tokenizer=tokenizer)
-    moe, moe_optimizer = build(seed=4, family="qwen3_moe")
+    moe, moe_optimizer = build(seed=9, family="qwen3_moe")
+    manager.load(ref_dir / "moe_single" / "step_1", model=moe, optimizer=moe_optimizer)  # save_pretrained's names, one tensor per expert
+    assert_state_equal(full_state(moe, moe_optimizer), ref_dir / "moe_step_1.safetensors", "MoE world size 1 -> 2")
     train(moe, moe_optimizer, 1)
     config = CheckpointConfig(checkpoint_dir=str(ref_dir / "moe" / "ckpt"), max_shard_size="100KB", sync_weight_path=str(ref_dir / "moe" / "policy"))
     moe_manager = CheckpointManager(config)
