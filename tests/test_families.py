@@ -203,6 +203,7 @@ def test_an_moe_adapter_is_peft_save_pretrained_and_its_merge_export_is_merge_an
     assert_same_folder(merged, save_pretrained_folder(model.merge_and_unload(), tokenizer, tmp_path / "reference"))
 
 
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")  # huggingface_hub's own LFS PUT
 def test_a_hub_branch_of_an_moe_checkpoint_is_its_save_pretrained_folder(tmp_path, tokenizer) -> None:
     from huggingface_hub import snapshot_download
 
