@@ -107,6 +107,15 @@ def commit_directory(staging: str | os.PathLike, final: str | os.PathLike, *, pa
         shutil.rmtree(parked)
 
 
+def remove_entry(path: str | os.PathLike) -> None:
+    """Delete `path`: a symlink or a file is unlinked (a link is never followed), a folder deleted with what it holds."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
 def recover_parked(parked: str | os.PathLike, final: str | os.PathLike) -> None:
     """Finish the replacement of `final` that a crash interrupted inside `commit_directory(..., parked=parked)`.
 

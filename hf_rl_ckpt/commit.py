@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .digest import Digests
-from .atomic import atomic_write_json, commit_directory, fsync_dir, fsync_tree, recover_parked
+from .atomic import atomic_write_json, commit_directory, fsync_dir, fsync_tree, recover_parked, remove_entry
 from .errors import CheckpointError, CheckpointSaveError, ConfigError
 from .events import CheckpointCommitted, Subscribers
 from .faultpoint import faultpoint
-from .layout import TRAINING_INFO, CheckpointLayout
+from .layout import CONVERTED_PREFIX, DOWNLOAD_PREFIX, EVICTED_PREFIX, REPLACED_PREFIX, TRAINING_INFO, CheckpointLayout
 from .lock import DirectoryLock, ReadOnlyCheckpointDirError
 from .records import Contents, ModelSummary, TrainingInfo
 from .registry import Registry
@@ -39,7 +39,6 @@ from .verify import build_manifest
 
 logger = logging.getLogger("hf_rl_ckpt")
 
-REPLACED_PREFIX = "replaced-"
 
 
 def library_versions() -> dict[str, str]:
@@ -127,6 +126,13 @@ class Committer:
             logger.warning("%s: resuming works, saving will fail", err)
         self.recover()
 
+    def _created_here(self, name: str, prefixes: tuple[str, ...], *, steps: bool = False) -> bool:
+        """Whether `name` is one hf_rl_ckpt gives an entry of `.incomplete/` or `.trash/`; anything else is left alone, and said so."""
+        if name.startswith(prefixes) or (steps and self.layout.parse_step(name) is not None):
+            return True
+        logger.warning("leaving %s alone: hf_rl_ckpt did not create it, and recovery deletes only what it created", name)
+        return False
+
     def staging_dir(self, step: int) -> Path:
         """An empty `.incomplete/<name>/` to write checkpoint `step` into."""
         if self.read_only:
@@ -135,8 +141,8 @@ class Committer:
         # Checkpoints deleted by hand since the last commit leave the index now: retention could not move them away.
         self.registry.reconcile()
         staging = self.layout.incomplete_dir(step)
-        if staging.exists():
-            shutil.rmtree(staging)
+        if staging.exists() or staging.is_symlink():
+            remove_entry(staging)
         staging.mkdir(parents=True)
         return staging
 
@@ -207,14 +213,17 @@ class Committer:
             return
         if self.layout.incomplete_root.is_dir():
             for leftover in sorted(self.layout.incomplete_root.iterdir()):
-                logger.warning("removing %s: an interrupted save left it incomplete (never committed)", leftover)
-                shutil.rmtree(leftover)
+                if self._created_here(leftover.name, (DOWNLOAD_PREFIX, CONVERTED_PREFIX), steps=True):
+                    logger.warning("removing %s: an interrupted save left it incomplete (never committed)", leftover)
+                    remove_entry(leftover)
         if self.layout.trash_root.is_dir():
             for entry in sorted(self.layout.trash_root.iterdir()):
-                if entry.name.startswith(REPLACED_PREFIX):
+                if not self._created_here(entry.name, (REPLACED_PREFIX, EVICTED_PREFIX)):
+                    continue
+                if entry.name.startswith(REPLACED_PREFIX) and not entry.is_symlink():
                     recover_parked(entry, self.layout.root / entry.name.removeprefix(REPLACED_PREFIX))
                 else:
                     logger.info("removing %s: an eviction interrupted by a crash left it there (no longer a checkpoint)", entry)
-                    shutil.rmtree(entry)
+                    remove_entry(entry)
             fsync_dir(self.layout.root)
         self.registry.reconcile()

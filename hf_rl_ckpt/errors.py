@@ -56,13 +56,13 @@ class CheckpointLockedError(CheckpointError):
     """Another process holds the checkpoint directory's lock.
 
     Attributes:
-        holder: what the holder wrote into the lock file (pid, host, started_at, argv); may be empty.
+        holder: what the holder wrote into the lock file (pid, host, started_at, program); may be empty.
     """
 
     def __init__(self, lock_path: Path, holder: dict[str, Any]) -> None:
         self.lock_path, self.holder = lock_path, holder
         who = (
-            f"pid {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started_at')}: {holder.get('argv')})"
+            f"pid {holder.get('pid')} on host {holder.get('host')} (started {holder.get('started_at')}: {holder.get('program')})"
             if holder else "a process that has not written its details yet"
         )
         super().__init__(

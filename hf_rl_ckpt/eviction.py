@@ -19,14 +19,13 @@ from .config import STEP_METRIC
 from .errors import CheckpointError
 from .events import CheckpointCommitted, CheckpointEvicted, Subscriber, Subscribers
 from .faultpoint import faultpoint
-from .layout import CheckpointLayout
+from .layout import EVICTED_PREFIX, CheckpointLayout
 from .records import CheckpointRecord
 from .registry import Registry
 from .retention import RetentionPolicy, metric_value
 
 logger = logging.getLogger("hf_rl_ckpt")
 
-EVICTED_PREFIX = "evicted-"
 
 
 def ranking_values(records: Iterable[CheckpointRecord], metric_name: str | None) -> dict[int, float | None]:

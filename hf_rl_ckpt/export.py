@@ -22,7 +22,7 @@ from huggingface_hub.utils import tqdm
 from .atomic import atomic_directory
 from .config import parse_size
 from .errors import CheckpointError
-from .layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR
+from .layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR, safe_join
 from .records import Contents
 from .state.model import save_consolidated
 from .state.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_merged_model
@@ -45,29 +45,30 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists():
         raise CheckpointError(f"export target {out} already exists; choose a new folder or remove it first")
-    verify_checkpoint(checkpoint, only=_MODEL_FOLDERS + ((CONFIG_YAML,) if merge_lora else ()))
+    info = verify_checkpoint(checkpoint, only=_MODEL_FOLDERS + ((CONFIG_YAML,) if merge_lora else ()))
     with atomic_directory(out) as staging:
         if merge_lora:
             _write_merged(checkpoint, staging, base)
         else:
-            _copy_with_progress(_model_folder(checkpoint), staging)
+            folder = _model_folder(checkpoint)
+            prefix = folder.relative_to(checkpoint).as_posix() + "/"
+            _copy_with_progress(checkpoint, [rel for rel in info["manifest"] if rel.startswith(prefix)], prefix, staging)
     return out
 
 
-def _copy_with_progress(source: Path, target: Path) -> None:
-    """`shutil.copytree` into the (empty) folder `target` with a progress bar in bytes: a large model's weights take minutes to copy.
+def _copy_with_progress(checkpoint: Path, files: list[str], prefix: str, target: Path) -> None:
+    """Copy exactly the manifest's `files` (under the folder `prefix`) into `target`, with a progress bar in bytes: a large model's
+    weights take minutes to copy. Nothing else in the folder is read, and no link is followed (verification refused any).
 
     The bar is huggingface_hub's (a widget in notebooks; `HF_HUB_DISABLE_PROGRESS_BARS=1` turns it off).
     """
-    total = sum(path.stat().st_size for path in source.rglob("*") if path.is_file())
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"Exporting {source}", name="hf_rl_ckpt") as bar:
-
-        def copy(src: str, dst: str) -> str:
-            shutil.copy2(src, dst)
-            bar.update(os.path.getsize(src))
-            return dst
-
-        shutil.copytree(source, target, copy_function=copy, dirs_exist_ok=True)
+    sources = {rel: safe_join(checkpoint, rel) for rel in files}
+    with tqdm(total=sum(path.stat().st_size for path in sources.values()), unit="B", unit_scale=True, desc=f"Exporting {checkpoint / prefix}", name="hf_rl_ckpt") as bar:
+        for rel, source in sources.items():
+            destination = target / rel.removeprefix(prefix)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination, follow_symlinks=False)
+            bar.update(source.stat().st_size)
 
 
 def _model_folder(checkpoint: Path) -> Path:

@@ -32,6 +32,10 @@ OPTIM_DIR = "optim"
 SCHEDULER_JSON = "scheduler.json"
 INCOMPLETE_DIR = ".incomplete"
 TRASH_DIR = ".trash"
+#: The names hf_rl_ckpt gives entries of `.trash/` (an evicted checkpoint; the one a re-save of its step replaced)
+#: and of `.incomplete/` besides step names (a checkpoint being downloaded; a foreign one being converted).
+EVICTED_PREFIX, REPLACED_PREFIX = "evicted-", "replaced-"
+DOWNLOAD_PREFIX, CONVERTED_PREFIX = "download-", "converted-"
 LOCK_FILE = ".lock"
 DEFAULT_NAME_TEMPLATE = "step_{step}"
 COMMIT_SEQ = "commit_seq"
@@ -103,10 +107,12 @@ def rollout_files(rank: int) -> tuple[str, str]:
 
 
 def safe_join(root: str | os.PathLike, relpath: str) -> Path:
-    """`root/relpath`, refusing absolute paths, `..` and symlinks that lead outside `root`.
+    """`root/relpath`, refusing absolute paths, `..` and any symlink on the way below `root`.
 
     Paths in manifests and registries come from disk and may have been tampered with; this
-    is the one gate every such path passes before it is opened.
+    is the one gate every such path passes before it is opened. hf_rl_ckpt writes no links,
+    so one inside a checkpoint (a folder linked to somewhere else) was planted: refused,
+    wherever it points.
     """
     root = Path(root)
     if not isinstance(relpath, str) or not relpath or os.path.isabs(relpath) or "\\" in relpath:
@@ -114,12 +120,33 @@ def safe_join(root: str | os.PathLike, relpath: str) -> Path:
     parts = Path(relpath).parts
     if ".." in parts:
         raise CorruptCheckpointError(root, f"refusing path {relpath!r}: it climbs out of the checkpoint with '..'")
-    candidate = root.joinpath(*parts)
+    candidate = root
+    for part in parts:
+        candidate = candidate / part
+        if candidate.is_symlink():
+            raise CorruptCheckpointError(
+                candidate, f"is a symlink (to {os.readlink(candidate)}); checkpoints hold regular files only, so {relpath!r} is refused",
+            )
     real_root = os.path.realpath(root)
     real = os.path.realpath(candidate)
     if os.path.commonpath([real_root, real]) != real_root:
         raise CorruptCheckpointError(root, f"refusing path {relpath!r}: a symlink leads outside the checkpoint to {real}")
     return candidate
+
+
+def own_folder(path: Path) -> Path:
+    """`path`, a folder hf_rl_ckpt makes inside a run directory and deletes the contents of; refused when something else is there.
+
+    A symlink in its place (a run directory from elsewhere, shared storage) would make recovery
+    delete, and saves write, wherever it points; it is never followed.
+    """
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        what = f"a symlink to {os.readlink(path)}" if path.is_symlink() else "not a folder"
+        raise CorruptCheckpointError(
+            path, f"is {what}; hf_rl_ckpt creates it as a plain folder and deletes what it holds, so it does not follow it. "
+            "Remove it (it only ever holds unfinished saves and evicted checkpoints)",
+        )
+    return path
 
 
 @dataclass(frozen=True)
@@ -172,11 +199,13 @@ class CheckpointLayout:
 
     @property
     def incomplete_root(self) -> Path:
-        return self.root / INCOMPLETE_DIR
+        """Unfinished saves, downloads and conversions (recovery deletes what it holds)."""
+        return own_folder(self.root / INCOMPLETE_DIR)
 
     @property
     def trash_root(self) -> Path:
-        return self.root / TRASH_DIR
+        """Evicted checkpoints and the ones a re-save replaced, until deleted (recovery deletes what it holds)."""
+        return own_folder(self.root / TRASH_DIR)
 
     def step_name(self, step: int) -> str:
         return self.name_template.format(step=step)

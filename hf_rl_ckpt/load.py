@@ -26,7 +26,7 @@ from .async_save import AsyncCheckpointWriter
 from .config import CheckpointConfig
 from .convert import convert_checkpoint, detect_format
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError
-from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, MASTER_DIR, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, TRAINING_INFO, CheckpointLayout, dataloader_file, rng_file, rollout_files
+from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, CONVERTED_PREFIX, MASTER_DIR, OPTIM_DIR, SCHEDULER_JSON, SHARDED_DIR, TRAINING_INFO, CheckpointLayout, dataloader_file, rng_file, rollout_files
 from .plan import ModelKind, classify_model
 from .remote import RemoteStore, RemoteTier, fetch, is_remote_url, same_commit
 from .records import Contents, OptimizerFormat, TrainingInfo, WeightsFormat
@@ -174,7 +174,7 @@ class CheckpointLoader:
                     f"`hf-rl-ckpt convert` recognises; pick one of `hf-rl-ckpt list {self.layout.root}` or set resume.mode: auto"
                 )
             return self.load(path, **objects)
-        converted = self.layout.incomplete_root / f"converted-{path.name}"
+        converted = self.layout.incomplete_root / f"{CONVERTED_PREFIX}{path.name}"
         distributed.on_rank0(lambda: convert_checkpoint(
             path, converted, trust_pickle=self.config.resume.trust_pickle, weights_only=self.config.resume.load_weight_only,
         ))

@@ -23,6 +23,7 @@ process tree is one job. Only rank 0 of a distributed job takes it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -37,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointLockedError, ReadOnlyCheckpointDirError
+from .errors import CheckpointLockedError, CorruptCheckpointError, ReadOnlyCheckpointDirError
 from .layout import LOCK_FILE
 
 logger = logging.getLogger(__name__)
@@ -56,12 +57,12 @@ _guard = threading.Lock()
 
 
 def holder_info() -> dict[str, Any]:
-    """What this process writes into a lock file it holds."""
+    """What this process writes into a lock file it holds: who it is, never its arguments (they may hold secrets)."""
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "argv": " ".join(sys.argv)[:200],
+        "program": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python",
     }
 
 
@@ -121,10 +122,14 @@ class DirectoryLock:
                 self._share = weakref.finalize(self, _give_back, key)
                 return
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             except OSError as err:
                 if err.errno in _READ_ONLY_ERRNOS:
                     raise ReadOnlyCheckpointDirError(f"cannot create {self.path}: {err.strerror}") from err
+                if err.errno == errno.ELOOP:  # writing the holder through it would overwrite whatever it points at
+                    raise CorruptCheckpointError(
+                        self.path, f"is a symlink to {os.readlink(self.path)}; hf_rl_ckpt creates its lock file itself and does not follow links. Remove it",
+                    ) from err
                 raise
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -139,6 +144,8 @@ class DirectoryLock:
                     self._ancestor = holder["pid"]
                     return
                 raise CheckpointLockedError(self.path, holder) from None
+            with contextlib.suppress(OSError):  # a lock file from before: only its owner reads who holds the directory
+                os.fchmod(fd, 0o600)
             previous = _read_holder(fd)
             if previous:
                 logger.warning(

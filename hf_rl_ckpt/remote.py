@@ -43,7 +43,7 @@ from .background import BackgroundWorker, RetryPolicy
 from .errors import ConfigError, RemoteStorageError
 from .events import CheckpointCommitted, CheckpointEvicted, Subscriber
 from .faultpoint import faultpoint
-from .layout import TRAINING_INFO, CheckpointLayout, commit_order, safe_join
+from .layout import DOWNLOAD_PREFIX, REPLACED_PREFIX, TRAINING_INFO, CheckpointLayout, commit_order, safe_join
 from .verify import verify_checkpoint
 
 logger = logging.getLogger("hf_rl_ckpt")
@@ -322,7 +322,7 @@ def fetch(store: RemoteStore, name: str, layout: CheckpointLayout) -> Path:
         CorruptCheckpointError: the copy does not match its manifest (nothing is left behind).
         RemoteStorageError: `name` is not committed remotely.
     """
-    staging = layout.incomplete_root / f"download-{name}"
+    staging = layout.incomplete_root / f"{DOWNLOAD_PREFIX}{name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     started = time.perf_counter()
@@ -331,7 +331,7 @@ def fetch(store: RemoteStore, name: str, layout: CheckpointLayout) -> Path:
         store.download(name, staging)
         verify_checkpoint(staging, checksums=True)
         # A rank on its own disk may hold its part of this checkpoint (no marker): the whole copy replaces it.
-        commit_directory(staging, final, parked=layout.trash_root / f"replaced-{name}" if final.exists() else None)
+        commit_directory(staging, final, parked=layout.trash_root / f"{REPLACED_PREFIX}{name}" if final.exists() else None)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

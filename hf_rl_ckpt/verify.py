@@ -26,11 +26,12 @@ Manifest = dict[str, dict[str, Any]]
 
 
 def list_files(root: str | os.PathLike) -> list[str]:
-    """Relative paths of every file below `root` except training_info.json, sorted."""
+    """Relative paths of every entry below `root` except folders and training_info.json, sorted: files, and links to folders
+    (listed, never followed, so that verification sees them)."""
     root = Path(root)
     files = []
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for name in filenames:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [name for name in dirnames if os.path.islink(os.path.join(dirpath, name))]:
             rel = Path(dirpath, name).relative_to(root).as_posix()
             if rel != TRAINING_INFO:
                 files.append(rel)
@@ -142,7 +143,8 @@ def verify_checkpoint(
                 problems.append((path, err.reason))
     for rel in list_files(ckpt_dir):
         if rel not in manifest and _within(rel, only):
-            problems.append((ckpt_dir / rel, "not listed in the manifest; remove it (it was not written by hf_rl_ckpt)"))
+            planted = "is a symlink, and checkpoints hold regular files only" if (ckpt_dir / rel).is_symlink() else "not listed in the manifest"
+            problems.append((ckpt_dir / rel, f"{planted}; remove it (it was not written by hf_rl_ckpt)"))
     if problems:
         detail = "; ".join(f"{p}: {why}" for p, why in problems)
         raise CorruptCheckpointError(problems[0][0], problems[0][1] + (f" (all problems: {detail})" if len(problems) > 1 else ""))

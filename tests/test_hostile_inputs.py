@@ -25,6 +25,7 @@ from hf_rl_ckpt import CheckpointConfig, CheckpointManager, ConfigError, Corrupt
 from hf_rl_ckpt.bundle import export_bundle, extract_bundle
 from hf_rl_ckpt.cli import main as cli_main
 from hf_rl_ckpt.convert import convert_checkpoint
+from hf_rl_ckpt.export import export_checkpoint
 from hf_rl_ckpt.state.pickled import UntrustedPickleError
 from hf_rl_ckpt.state.safetensors_io import check_safetensors_header
 
@@ -127,6 +128,17 @@ def _symlink_out(ckpt: Path, outside: Path) -> None:
     (ckpt / "model/consolidated/config.json").symlink_to(outside / "secret.txt")
 
 
+def _linked_folder(ckpt: Path, outside: Path) -> None:
+    """A folder inside the model folder that links out of the run: verification lists it, export must not copy what it holds."""
+    (ckpt / "model/consolidated/leak").symlink_to(outside, target_is_directory=True)
+
+
+def _relinked_model_folder(ckpt: Path, outside: Path) -> None:
+    """The model folder moved and linked back under its name: every manifest path passes through the link."""
+    (ckpt / "model/consolidated").rename(ckpt / "model/real")
+    (ckpt / "model/consolidated").symlink_to("real", target_is_directory=True)
+
+
 def _plant_pickle(ckpt: Path, outside: Path) -> None:
     (ckpt / "model/consolidated/pytorch_model.bin").write_bytes(pickle_bomb(outside / "pwned"))
 
@@ -148,7 +160,9 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "header_dtype_vs_bytes": (lambda c, o: rewrite_header(c, _wrong_dtype), r"model\.safetensors: invalid safetensors header: .*needs \d+ bytes"),
     "manifest_dotdot": (_manifest_entry(lambda o: "../outside/secret.txt"), r"refusing path '\.\./outside/secret\.txt': it climbs out"),
     "manifest_absolute": (_manifest_entry(lambda o: str(o / "secret.txt")), r"refusing path '/.*secret\.txt': paths must be relative"),
-    "symlink_escape": (_symlink_out, r"refusing path 'model/consolidated/config\.json': a symlink leads outside"),
+    "symlink_escape": (_symlink_out, r"config\.json: is a symlink \(to .*secret\.txt\); checkpoints hold regular files only"),
+    "linked_folder": (_linked_folder, r"consolidated/leak: is a symlink, and checkpoints hold regular files only"),
+    "relinked_model_folder": (_relinked_model_folder, r"model/consolidated: is a symlink \(to real\); checkpoints hold regular files only"),
     "planted_pickle": (_plant_pickle, r"pytorch_model\.bin: not listed in the manifest"),
     "training_info_not_json": (lambda c, o: (c / "training_info.json").write_text("{not json"), r"training_info\.json: not valid JSON"),
     "newer_format_version": (_set_info(format_version=99), r"training_info\.json: written in checkpoint format 99, newer than"),
@@ -178,8 +192,62 @@ def test_damaged_newest_checkpoint_is_refused_and_auto_resume_falls_back(run, ki
     strict = CheckpointConfig(checkpoint_dir=str(root), resume={"on_corrupt": "error"})
     with pytest.raises(CorruptCheckpointError, match=expected):
         CheckpointManager(strict).resume(**make_objects(seed=9).as_kwargs())
+    try:
+        exported = export_checkpoint(newest, root.parent / "exported")
+    except CorruptCheckpointError as err:
+        assert re.search(expected, str(err)) and not (root.parent / "exported").exists()
+    else:  # the damage is outside the model folder, which an export does not read: it copies that folder's files, nothing else
+        assert kind in ("manifest_dotdot", "manifest_absolute"), kind
+        assert sorted(path.name for path in exported.iterdir()) == sorted(path.name for path in (root / "step_1" / "model" / "consolidated").iterdir())
     assert (snapshot(newest), snapshot(outside)) == before, "nothing may be modified, inside the checkpoint or outside"
     assert not (outside / "pwned").exists()
+
+
+def _victim(outside: Path) -> Path:
+    victim = outside / "victim"
+    (victim / "datasets").mkdir(parents=True)
+    (victim / "datasets" / "train.jsonl").write_text("{}\n")
+    return victim
+
+
+@pytest.mark.parametrize("name", [".trash", ".incomplete", ".lock"])
+def test_a_symlink_where_the_library_keeps_its_own_entries_is_refused_at_start(run, name):
+    """`.trash` and `.incomplete` are emptied at start and `.lock` is written: a link there would delete or overwrite its target."""
+    root, outside, _ = run
+    victim = _victim(outside)
+    link = root / name
+    if link.exists() or link.is_symlink():
+        link.unlink() if link.is_file() or link.is_symlink() else link.rmdir()
+    link.symlink_to(victim / "datasets" / "train.jsonl" if name == ".lock" else victim)
+    before = snapshot(outside)
+    with pytest.raises(CorruptCheckpointError, match=rf"{re.escape(name)}: is a symlink to {re.escape(str(victim))}"):
+        CheckpointManager(CheckpointConfig(checkpoint_dir=str(root)))
+    assert snapshot(outside) == before, "nothing outside the run directory changes"
+
+
+def test_recovery_deletes_only_what_the_library_created_and_follows_no_link(run):
+    root, outside, _ = run
+    victim = _victim(outside)
+    for folder in (".incomplete", ".trash"):
+        (root / folder).mkdir(exist_ok=True)
+    (root / ".incomplete" / "step_5").mkdir()  # an interrupted save: removed
+    (root / ".incomplete" / "notes.txt").write_text("mine")  # not ours: left alone
+    (root / ".trash" / "evicted-step_7").symlink_to(victim, target_is_directory=True)  # named like ours, but a link: unlinked only
+    before = snapshot(outside)
+    CheckpointManager(CheckpointConfig(checkpoint_dir=str(root))).finalize()
+    assert sorted(path.name for path in (root / ".incomplete").iterdir()) == ["notes.txt"]
+    assert not (root / ".trash" / "evicted-step_7").is_symlink()
+    assert snapshot(outside) == before
+
+
+def test_the_lock_file_is_private_and_records_no_arguments(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["train.py", "--hub_token=hf_abcdefghijklmnopqrstuvwxyz0123"])
+    manager = CheckpointManager(CheckpointConfig(checkpoint_dir=str(tmp_path / "run")))
+    lock = tmp_path / "run" / ".lock"
+    assert lock.stat().st_mode & 0o777 == 0o600
+    holder = json.loads(lock.read_text())
+    assert holder["program"] == "train.py" and "hf_abcdefghij" not in lock.read_text()
+    manager.finalize()
 
 
 def test_header_precheck_runs_before_safetensors_reads_the_file(tmp_path):
