@@ -24,15 +24,13 @@ import yaml
 from .background import RetryPolicy
 from .errors import ConfigError
 from .layout import parse_name_template
+from .redact import redact_secrets
 
 ResumeMode = Literal["disable", "auto", "from_path"]
 
 #: Metric name that ranks checkpoints by recency: `keep_top_k: 3` + `metric_name: step` keeps the last 3.
 STEP_METRIC = "step"
 
-# `key` alone: s3fs's access key id; `account_key`, `connection_string`, `sas_token`: Azure's (adlfs).
-_SECRET_PATTERN = re.compile(r"token|secret|password|api_key|apikey|credential|^key$|account_key|connection_string", re.IGNORECASE)
-REDACTED = "<redacted>"
 
 
 @dataclass
@@ -345,18 +343,6 @@ def _describe(expected: Any) -> str:
     if dataclasses.is_dataclass(expected):  # a sub-block: resume, hub_retry
         return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(expected))
     return getattr(expected, "__name__", str(expected))
-
-
-def redact_secrets(value: Any) -> Any:
-    """Copy of a nested dict/list with the values of secret-looking keys replaced by '<redacted>'."""
-    if isinstance(value, Mapping):
-        return {
-            k: (REDACTED if isinstance(k, str) and _SECRET_PATTERN.search(k) and v is not None else redact_secrets(v))
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [redact_secrets(v) for v in value]
-    return value
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

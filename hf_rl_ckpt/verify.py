@@ -143,8 +143,10 @@ def verify_checkpoint(
                 problems.append((path, err.reason))
     for rel in list_files(ckpt_dir):
         if rel not in manifest and _within(rel, only):
-            planted = "is a symlink, and checkpoints hold regular files only" if (ckpt_dir / rel).is_symlink() else "not listed in the manifest"
-            problems.append((ckpt_dir / rel, f"{planted}; remove it (it was not written by hf_rl_ckpt)"))
+            if (ckpt_dir / rel).is_symlink():
+                problems.append((ckpt_dir / rel, "is a symlink, and checkpoints hold regular files only; remove it (it was not written by hf_rl_ckpt)"))
+            else:
+                problems.append((ckpt_dir / rel, "not listed in the manifest; remove it (it was not written by hf_rl_ckpt)"))
     if problems:
         detail = "; ".join(f"{p}: {why}" for p, why in problems)
         raise CorruptCheckpointError(problems[0][0], problems[0][1] + (f" (all problems: {detail})" if len(problems) > 1 else ""))

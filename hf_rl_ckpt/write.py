@@ -31,7 +31,8 @@ import yaml
 from . import distributed
 from .async_save import AsyncCheckpointWriter, SavePart, run_parts
 from .commit import CommitRequest, Committer
-from .config import CheckpointConfig, parse_duration, parse_size, redact_secrets
+from .config import CheckpointConfig, parse_duration, parse_size
+from .redact import redact_secrets
 from .errors import CheckpointError, CheckpointSaveError
 from .faultpoint import faultpoint
 from .hub.card import Leaderboard, branch_for, card_rows, render_model_card

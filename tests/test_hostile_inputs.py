@@ -389,3 +389,78 @@ def test_broken_foreign_checkpoint_files_are_named(tmp_path, name, content, expe
     with pytest.raises(CorruptCheckpointError, match=expected):
         convert_checkpoint(src, tmp_path / "out", weights_only=True)
     assert snapshot(src) == before and not (tmp_path / "out").exists()
+
+
+#: Twenty kinds of secrets as training scripts hold them: under secret-naming keys, and inside ordinary values.
+SECRETS = {
+    "hf_token": "hf_Secret0123456789abcdefghijkl",
+    "aws_access_key_id": "AKIASECRET0123456789",
+    "aws_secret_access_key": "wJalrSecretKeyEXAMPLE0123456789abcdEFGH",
+    "aws_session_token": "FwoGZXIvYXdzSecretSessionToken0123",
+    "private_key": "-----BEGIN RSA PRIVATE KEY-----\nMIIEsecretPEMbody0123\n-----END RSA PRIVATE KEY-----",
+    "passwd": "hunter2-secret-passwd",
+    "db_password": "pg-secret-password-42",
+    "wandb_api_key": "0123456789secretwandbkey0123456789abcdef",
+    "client_secret": "oauth-secret-client-value",
+    "azure_connection_string": "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=secretAzureKey==",
+    "sas_token": "sv=2024&sig=secretSasSignature",
+    "cookie": "sessionid=secret-cookie-value",
+    "credentials": {"user": "bob", "pass": "secret-nested-credential"},
+    "headers": {"Authorization": "Bearer secretBearerToken0123456789"},
+}
+SECRETS_IN_VALUES = {
+    "database_url": "postgres://trainer:secretUrlPassword@db.internal:5432/runs",
+    "endpoint_url": "http://minio:secretMinioPassword@minio:9000",
+    "cmd": "python train.py --hub_token=hf_SecretInArgv0123456789abcd --lr 3e-4",
+    "argv": ["train.py", "--password", "secret-argv-password", "--seed", "0"],
+    "github": "ghp_SecretGithubToken0123456789abcdefghij",
+    "note": "resume with Bearer secretInlineBearer0123456789 if asked",
+}
+
+
+def _secret_strings() -> list[str]:
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            [walk(item) for item in value.values()]
+        elif isinstance(value, list):
+            [walk(item) for item in value]
+        elif isinstance(value, str):
+            found.extend(re.findall(r"[Ss]ecret[\w=/-]*|hf_Secret\w+|AKIASECRET\w+|MIIEsecret\w+|hunter2[\w-]*", value))
+
+    walk(SECRETS)
+    walk(SECRETS_IN_VALUES)
+    return sorted(set(found))
+
+
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+def test_no_secret_is_written_logged_or_pushed(tmp_path, make_objects, monkeypatch, caplog):
+    from huggingface_hub import snapshot_download
+
+    from hf_rl_ckpt.testing.hub_server import HubServer, hub_env
+
+    token, repo = "hf_PushTokenSecret0123456789abcdef", "alice/secret-scan"
+    monkeypatch.setattr("sys.argv", ["train.py", "--hub_token", token, "--api-key=secretArgvApiKey0123"])
+    training = {**SECRETS, **SECRETS_IN_VALUES, "learning_rate": 3e-4, "nested": [{"token": "secret-list-token"}]}
+    objs = make_objects()
+    with HubServer(tmp_path / "hub", tokens={token}) as server, hub_env(server, token=token, hf_home=tmp_path / "hf_home"):
+        config = CheckpointConfig(
+            checkpoint_dir=str(tmp_path / "run"), push_to_hub=True, hub_model_id=repo, hub_token=token, hub_push_training_state=True,
+        )
+        manager = CheckpointManager(config, training_config=training)
+        objs.train_step(next(iter(objs.loader)))
+        manager.save(1, **objs.as_kwargs())
+        manager.finalize()
+        pushed = Path(snapshot_download(repo, revision="step-1", token=token))
+        card = (pushed / "README.md").read_text()
+    secrets = _secret_strings() + [token, "secretArgvApiKey0123"]
+    assert len(secrets) >= 20
+    written = {path: path.read_bytes() for root in (tmp_path / "run", pushed) for path in root.rglob("*") if path.is_file()}
+    leaks = {str(path): [s for s in secrets if s.encode() in data] for path, data in written.items()}
+    assert {path: found for path, found in leaks.items() if found} == {}, "secrets in written or pushed files"
+    assert [s for s in secrets if any(s in record.getMessage() for record in caplog.records)] == [], "secrets in log lines"
+    assert "Full configuration" not in card and str(tmp_path) not in card, "a pushed card holds no configuration dump and no local path"
+    assert "learning_rate" in card  # the summary stays
+    recorded = (tmp_path / "run" / "step_1" / "config.yaml").read_text()
+    assert "learning_rate: 0.0003" in recorded and recorded.count("<redacted>") >= 20, "config.yaml keeps the run's settings, secrets redacted"

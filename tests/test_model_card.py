@@ -74,9 +74,11 @@ def test_card_metadata_leaderboard_usage_and_redaction(tmp_path: Path) -> None:
     assert 'AutoModelForCausalLM.from_pretrained("alice/run", revision="step-20")' in parsed.text
     assert "get_peft_model" in parsed.text and "vllm serve alice/run --revision step-20" in parsed.text
     assert "- `learning_rate`: 0.0003" in parsed.text and "- `seed`: 7" in parsed.text
+    assert "Full configuration" not in text, "a pushed card carries the summary only, no configuration dump (local paths, URLs)"
+    local = str(render_model_card(ckpt, step=20, metrics={"loss": 1.25}, leaderboard=board))  # a run that does not publish
     for secret in ("hf_leaked_in_config", "sk-very-secret", "hf_other"):
-        assert secret not in text
-    assert text.count("<redacted>") == 3
+        assert secret not in text and secret not in local
+    assert "Full configuration (secrets redacted)" in local and local.count("<redacted>") == 3
 
 
 def test_base_model_only_when_it_names_a_hub_model(tmp_path: Path) -> None:

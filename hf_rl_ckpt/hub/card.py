@@ -22,7 +22,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..config import redact_secrets
+from ..redact import redact_secrets
 from ..layout import ADAPTER_DIR, CONFIG_YAML, CONSOLIDATED_DIR
 from ..records import Contents
 from ..retention import RetentionPolicy, metric_value
@@ -234,7 +234,7 @@ def render_model_card(
         _leaderboard_section(leaderboard, step, repo_id),
         _metrics_section(numbers),
         _usage_section(info, repo_id, revision, local_path / info.folder),
-        _config_section(ckpt_dir / CONFIG_YAML),
+        _config_section(ckpt_dir / CONFIG_YAML, full=repo_id is None),
     ]
     body = "\n\n".join(section for section in sections if section)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
@@ -316,7 +316,13 @@ def _usage_section(info: ModelInfo, repo_id: str | None, branch: str | None, loc
     return "\n\n".join(blocks)
 
 
-def _config_section(config_yaml: Path) -> str:
+def _config_section(config_yaml: Path, *, full: bool) -> str:
+    """The training configuration: a summary, and (`full`, a card that is not pushed) the whole redacted config.yaml.
+
+    A pushed card never carries the whole configuration: it names local paths, storage URLs
+    and whatever else a training script put there. It travels to the Hub only as
+    `training_state/config.yaml`, when the run pushes its training state.
+    """
     try:
         document = yaml.safe_load(config_yaml.read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -330,8 +336,9 @@ def _config_section(config_yaml: Path) -> str:
     lines = ["## Training configuration"]
     if summary:
         lines.append("\n".join(f"- `{key}`: {value}" for key, value in summary.items()))
-    full = yaml.safe_dump(document, sort_keys=False).strip()
-    lines.append(f"<details><summary>Full configuration (secrets redacted)</summary>\n\n```yaml\n{full}\n```\n\n</details>")
+    if full:
+        whole = yaml.safe_dump(document, sort_keys=False).strip()
+        lines.append(f"<details><summary>Full configuration (secrets redacted)</summary>\n\n```yaml\n{whole}\n```\n\n</details>")
     return "\n\n".join(lines)
 
 
