@@ -7,7 +7,6 @@ registry entry) is checked to stay inside its checkpoint before anything opens i
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import string
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from .documents import read_json_document
 from .errors import ConfigError, CorruptCheckpointError
 
 #: On-disk format. 2: manifest entries record XXH3-128 (`digest`); format-1 checkpoints (sha256) still load and verify.
@@ -181,11 +181,8 @@ class CheckpointLayout:
         template = DEFAULT_NAME_TEMPLATE
         registry = Path(root) / REGISTRY
         if registry.is_file():
-            try:
-                data = json.loads(registry.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                data = None
-            recorded = data.get("name_template") if isinstance(data, dict) else None
+            data = _read_json_object(registry)
+            recorded = data.get("name_template") if data is not None else None
             try:
                 parse_name_template(recorded)
                 template = recorded
@@ -260,15 +257,24 @@ class CheckpointLayout:
         for entry in self.root.iterdir():
             step = self.parse_step(entry.name)
             if step is not None and entry.is_dir() and not entry.is_symlink() and (entry / TRAINING_INFO).is_file():
-                info = _read_json_object(entry / TRAINING_INFO)
+                info = _training_info(entry)
                 found.append(((info is None, *commit_order(step, info or {})), step, entry, info))
         return sorted(found, key=lambda item: item[0])
+
+
+def _training_info(ckpt_dir: Path) -> dict[str, Any] | None:
+    """A checkpoint's training_info.json as verification reads it (every field typed), None when damaged (verification names it)."""
+    from .verify import read_training_info  # verify joins paths with this module's safe_join
+
+    try:
+        return read_training_info(ckpt_dir)
+    except (OSError, CorruptCheckpointError):
+        return None
 
 
 def _read_json_object(path: Path) -> dict[str, Any] | None:
     """A JSON object from disk, or None when unreadable (verification reports the damage)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return read_json_document(path)
+    except (OSError, CorruptCheckpointError):
         return None
-    return data if isinstance(data, dict) else None

@@ -320,6 +320,11 @@ class CheckpointLoader:
                 unverified = read_training_info(path)
                 deferred = self._read_once_files(unverified["manifest"], weights_dir(path, Contents.of(path, unverified), kind), load_optimizer)
             raw = verify_checkpoint(path, checksums=self.config.verify_on_resume, deferred=deferred)
+            named = self.layout.parse_step(path.name)
+            if named is not None and named != raw["step"]:  # a copied or edited checkpoint: which step is it?
+                raise CorruptCheckpointError(
+                    path / TRAINING_INFO, f"records step {raw['step']}, but its folder {path.name} is step {named}; it was renamed or edited",
+                )
             for name, data in read_verified(path, raw["manifest"], deferred).items():
                 tensors = tensors_from_buffer(name, data)
                 if tensors is not None:

@@ -10,12 +10,12 @@ replaced atomically.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from typing import Any
 
 from .atomic import atomic_write_json
+from .documents import read_json_document
 from .errors import CorruptCheckpointError
 from .layout import COMMIT_SEQ, FORMAT_VERSION, TRAINING_INFO, CheckpointLayout, commit_order
 from .records import CheckpointRecord, TrainingInfo, policy_from_json
@@ -41,12 +41,10 @@ class Registry:
         if not path.exists():
             return {"format_version": FORMAT_VERSION, "checkpoints": []}
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CorruptCheckpointError(
-                path, f"not valid JSON ({err}); move it aside and restart: the index is rebuilt from the checkpoint directories"
-            ) from err
-        if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
+            data = read_json_document(path)
+        except CorruptCheckpointError as err:
+            raise CorruptCheckpointError(path, f"{err.reason}; move it aside and restart: the index is rebuilt from the checkpoint directories") from err
+        if not isinstance(data.get("checkpoints"), list):
             raise CorruptCheckpointError(path, "expected an object with a 'checkpoints' list; move it aside and restart to rebuild it")
         version = data.get("format_version", FORMAT_VERSION)
         if not isinstance(version, int) or version > FORMAT_VERSION:

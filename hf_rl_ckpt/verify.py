@@ -10,7 +10,6 @@ can rewrite a file can rewrite the manifest too).
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +18,9 @@ from typing import Any, Collection, Mapping
 from .atomic import hash_file, map_file
 from .digest import ALGORITHMS, Digests, FileDigest, hexdigest, recorded_digest
 from .errors import CorruptCheckpointError
-from .layout import FORMAT_VERSION, TRAINING_INFO, safe_join
+from .documents import read_json_document
+from .layout import ADAPTER_DIR, CONSOLIDATED_DIR, FORMAT_VERSION, OPTIM_DIR, SHARDED_DIR, TRAINING_INFO, safe_join
+from .records import OptimizerFormat, WeightsFormat
 from .state.safetensors_io import check_safetensors_header
 
 Manifest = dict[str, dict[str, Any]]
@@ -55,16 +56,64 @@ def build_manifest(root: str | os.PathLike, known: Digests | None = None) -> Man
     return manifest
 
 
+_NUMBER = (int, float)
+#: training_info.json's fields and the JSON types each may hold (None: may be null or absent); `step` and `manifest` are required.
+_INFO_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "format_version": ((int,), False), "step": ((int,), False), "manifest": ((dict,), False),
+    "commit_seq": ((int,), True), "policy_version": ((int,), True), "world_size": ((int,), True), "epoch": (_NUMBER, True),
+    "save_seconds": (_NUMBER, True), "created_at": ((str,), True), "metrics": ((dict,), True), "extra": ((dict,), True),
+    "versions": ((dict,), True), "model": ((dict,), True), "retention": ((dict,), True), "contents": ((dict,), True),
+}
+_CONTENTS_FLAGS = ("consolidated", "scheduler", "dataloader", "rng", "rollout")
+_CONTENTS_VALUES = {"weights": {None, *(f.value for f in WeightsFormat)}, "optimizer": {None, *(f.value for f in OptimizerFormat)}}
+
+
+def _field_problem(info: Mapping[str, Any]) -> str | None:
+    """What is wrong with the fields of a training_info.json document, or None: the types every reader relies on."""
+    for name, (types, optional) in _INFO_FIELDS.items():
+        value = info.get(name)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"{name} is {value!r:.80}, expected {' or '.join(t.__name__ for t in types)}" + (" or null" if optional else "")
+    if info["step"] < 0 or (info.get("world_size") is not None and info["world_size"] < 1):
+        return f"step {info['step']} / world_size {info.get('world_size')} out of range"
+    contents = info.get("contents") or {}
+    for key, allowed in _CONTENTS_VALUES.items():
+        if not isinstance(value := contents.get(key), (str, type(None))) or value not in allowed:
+            return f"contents.{key} is {value!r:.80}, expected one of {sorted(v for v in allowed if v)}"
+    for key in _CONTENTS_FLAGS:
+        if key in contents and not isinstance(contents[key], bool):
+            return f"contents.{key} is {contents[key]!r:.80}, expected true or false"
+    if contents.get("weights") == WeightsFormat.CONSOLIDATED.value and contents.get("consolidated") is False:
+        return "contents says the weights are consolidated and that there is no consolidated folder"
+    if not isinstance(dtype := contents.get("consolidated_dtype"), (str, type(None))):
+        return f"contents.consolidated_dtype is {dtype!r:.80}, expected a dtype name or null"
+    if "contents" in info and info["contents"] is not None:  # what it says it holds is what its manifest lists
+        claims = {
+            CONSOLIDATED_DIR: bool(contents.get("consolidated")), ADAPTER_DIR: contents.get("weights") == WeightsFormat.ADAPTER.value,
+            SHARDED_DIR: contents.get("weights") == WeightsFormat.SHARDED.value, OPTIM_DIR: contents.get("optimizer") is not None,
+        }
+        for folder, claimed in claims.items():
+            if claimed != any(isinstance(rel, str) and rel.startswith(folder + "/") for rel in info["manifest"]):
+                return f"contents says {folder}/ is {'there' if claimed else 'not there'}, the manifest {'lists no' if claimed else 'lists'} files in it"
+    for rel, entry in info["manifest"].items():
+        if not isinstance(entry, dict) or isinstance(entry.get("size"), bool) or not isinstance(entry.get("size"), int) or entry["size"] < 0:
+            return f"manifest entry {rel!r:.200} is {entry!r:.80}, expected an object with a non-negative integer size"
+    return None
+
+
 def read_training_info(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-    """Parse and sanity-check a checkpoint's training_info.json."""
+    """Parse and check a checkpoint's training_info.json: JSON within bounds (`documents`), each field of the type readers rely on.
+
+    Raises `CorruptCheckpointError` naming the file and the first problem, whatever the file holds.
+    """
     path = Path(ckpt_dir) / TRAINING_INFO
     try:
-        info = json.loads(path.read_text())
+        info = read_json_document(path)
     except FileNotFoundError as err:
         raise CorruptCheckpointError(path, "missing: this directory is not a committed hf_rl_ckpt checkpoint") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CorruptCheckpointError(path, f"not valid JSON ({err})") from err
-    if not isinstance(info, dict) or not isinstance(info.get("manifest"), dict):
+    if not isinstance(info.get("manifest"), dict):
         raise CorruptCheckpointError(path, "expected an object with a 'manifest' mapping")
     version = info.get("format_version")
     if not isinstance(version, int):
@@ -73,6 +122,8 @@ def read_training_info(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
         raise CorruptCheckpointError(
             path, f"written in checkpoint format {version}, newer than this hf_rl_ckpt reads ({FORMAT_VERSION}); upgrade hf_rl_ckpt"
         )
+    if (problem := _field_problem(info)) is not None:
+        raise CorruptCheckpointError(path, problem)
     return info
 
 

@@ -23,7 +23,9 @@ def fake_checkpoint(root: Path, *, name_or_path: str = "meta-llama/Llama-3.2-1B"
     weights = "consolidated" if adapter_base is None else "adapter"
     contents = {"weights": weights, "consolidated": adapter_base is None, "optimizer": None, "scheduler": False, "dataloader": False}
     root.mkdir(parents=True)
-    (root / "training_info.json").write_text(json.dumps({"format_version": 1, "step": 0, "contents": contents, "manifest": {}}))
+    listed = "model/consolidated/config.json" if adapter_base is None else "model/adapter/adapter_config.json"
+    manifest = {listed: {"size": 0, "sha256": "0" * 64}}  # sizes are not checked by the card
+    (root / "training_info.json").write_text(json.dumps({"format_version": 1, "step": 0, "contents": contents, "manifest": manifest}))
     if adapter_base is None:
         folder = root / "model" / "consolidated"
         folder.mkdir(parents=True)

@@ -26,6 +26,7 @@ from safetensors.torch import save
 
 from ..digest import FileDigest
 from ..atomic import StreamingFileWriter
+from ..documents import refuse_constant
 from ..errors import CorruptCheckpointError
 
 _DTYPES: dict[torch.dtype, str] = {
@@ -34,6 +35,9 @@ _DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8", torch.bool: "BOOL", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+
+
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -152,25 +156,32 @@ def check_safetensors_header(path: str | os.PathLike, data: memoryview | None = 
             raise bad(f"header length {header_len} exceeds the file ({size} bytes) or the {MAX_HEADER_BYTES}-byte limit")
         raw = fh.read(header_len) if fh is not None else bytes(data[8 : 8 + header_len])
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        header = json.loads(raw, parse_constant=refuse_constant)
+    except RecursionError as err:
+        raise bad("not JSON a safetensors writer produces (nested too deeply)") from err
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, NaN / Infinity
         raise bad(f"not JSON ({err})") from err
     if not isinstance(header, dict):
         raise bad("not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise bad(f"__metadata__ is {metadata!r:.80}; expected an object of strings")
     data_size = size - 8 - header_len
     spans = []
     tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
     for name, entry in tensors.items():
-        if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPE_BITS:
-            raise bad(f"tensor {name!r} has no known dtype ({entry.get('dtype') if isinstance(entry, dict) else entry!r})")
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in _DTYPE_BITS:
+            raise bad(f"tensor {name!r:.200} has no known dtype ({entry.get('dtype') if isinstance(entry, dict) else entry!r:.80})")
+        if entry["dtype"] not in _TORCH_DTYPES:
+            raise bad(f"tensor {name!r:.200} has dtype {entry['dtype']}, which torch {torch.__version__} cannot hold")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise bad(f"tensor {name!r} has shape {shape!r}; expected a list of non-negative integers")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape):
+            raise bad(f"tensor {name!r:.200} has shape {shape!r:.80}; expected a list of non-negative 64-bit integers")
         if (
             not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1]
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1] < 2**63
         ):
-            raise bad(f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end")
+            raise bad(f"tensor {name!r:.200} has data_offsets {offsets!r:.80}; expected [begin, end] with 0 <= begin <= end")
         numel = 1
         for dim in shape:
             numel *= dim
@@ -190,9 +201,6 @@ def check_safetensors_header(path: str | os.PathLike, data: memoryview | None = 
     if position != data_size:
         raise bad(f"tensors cover {position} bytes of data but the file holds {data_size} after the header (truncated or padded)")
     return tensors
-
-
-_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
 
 def tensors_from_buffer(path: str | os.PathLike, data: memoryview) -> dict[str, torch.Tensor] | None:
