@@ -34,6 +34,7 @@ Where a public API does the job it is used instead (Accelerate's
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -265,12 +266,20 @@ class WeightConversion:
             groups.setdefault(self._rename(name)[0], []).append(name)
         return list(groups.values())
 
+    @functools.cached_property
+    def _renamings(self) -> list[Any]:
+        return [t for t in self.transforms if isinstance(t, importlib.import_module(_CORE_MODEL_LOADING).WeightRenaming)]
+
+    @functools.cached_property
+    def _converters(self) -> list[Any]:
+        return [t for t in self.transforms if isinstance(t, importlib.import_module(_CORE_MODEL_LOADING).WeightConverter)]
+
     def to_runtime(self, saved: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Saved tensors (complete groups, see `saved_groups`) as the live model holds them: `from_pretrained`'s conversion."""
         if self.identity:
             return dict(saved)
         core = importlib.import_module(_CORE_MODEL_LOADING)
-        converters = {pattern: converter for converter in self.transforms if isinstance(converter, core.WeightConverter) for pattern in converter.source_patterns}
+        converters = {pattern: converter for converter in self._converters for pattern in converter.source_patterns}
         pending: dict[str, Any] = {}
         for name in self._sorted(list(saved)):
             target, pattern = self._rename(name)
@@ -293,10 +302,8 @@ class WeightConversion:
     def _rename(self, name: str) -> tuple[str, str | None]:
         """The runtime name a saved name loads into, and the converter pattern it matched (as `from_pretrained` renames it)."""
         core = importlib.import_module(_CORE_MODEL_LOADING)
-        renamings = [t for t in self.transforms if isinstance(t, core.WeightRenaming)]
-        converters = [t for t in self.transforms if isinstance(t, core.WeightConverter)]
         runtime, prefix = self.runtime_names, getattr(self.model, "base_model_prefix", None)
-        target, pattern = core.rename_source_key(name, renamings, converters, prefix, runtime)
+        target, pattern = core.rename_source_key(name, self._renamings, self._converters, prefix, runtime)
         if target not in runtime and name in runtime:  # as from_pretrained: the name only needed the prefix handling
             target, pattern = core.rename_source_key(name, [], [], prefix, runtime)
         return target, pattern

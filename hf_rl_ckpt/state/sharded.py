@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from .. import distributed
 from ..digest import Digests
 from ..errors import CorruptCheckpointError
-from ..shims import weight_conversion
+from ..shims import WeightConversion
 from .model import check_compatible, deduplicated_state_dict, read_header_shapes, runtime_groups, save_consolidated, weight_files
 
 
@@ -87,8 +87,9 @@ def load_sharded(model: torch.nn.Module, folder: Path) -> None:
     except Exception as err:  # safetensors raises its own error type for a malformed header
         raise CorruptCheckpointError(folder, f"not a readable safetensors folder ({err})") from err
     saved = {name: (tuple(meta.size), folder) for name, meta in metadata.state_dict_metadata.items()}
-    if not check_compatible(model, saved, folder).identity:
-        _load_saved_form(model, folder)
+    conversion = check_compatible(model, saved, folder)
+    if not conversion.identity:
+        _load_saved_form(model, folder, conversion)
         return
     state = hf_state_dict(model)
     with distributed.quiet_single_process_dcp():  # a plain model in a single process loading shards is intended
@@ -98,7 +99,7 @@ def load_sharded(model: torch.nn.Module, folder: Path) -> None:
     set_model_state_dict(model, state, options=StateDictOptions(strict=False))
 
 
-def _load_saved_form(model: torch.nn.Module, folder: Path) -> None:
+def _load_saved_form(model: torch.nn.Module, folder: Path, conversion: WeightConversion) -> None:
     """An HF folder under `save_pretrained`'s names (an MoE's experts one by one) into a sharded model: rank 0 reads it and
     converts it to the runtime form, every rank takes its slices (collective; peak memory on rank 0 is the model).
 
@@ -107,7 +108,7 @@ def _load_saved_form(model: torch.nn.Module, folder: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     if distributed.rank() == 0:
         saved = read_header_shapes(weight_files(folder))
-        for group in runtime_groups(weight_conversion(model), saved):
+        for group in runtime_groups(conversion, saved):
             state.update(group)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed.is_distributed(), strict=False)
     set_model_state_dict(model, state, options=options)
